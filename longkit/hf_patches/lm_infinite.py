@@ -1,0 +1,243 @@
+"""LM-Infinite for Hugging Face decoder models (Han et al., "LM-Infinite: Zero-Shot Extreme Length
+Generalization for Large Language Models", NAACL 2024).
+
+Installed per model instance by ``longkit.apply_patches(model, lm_infinite=...)``:
+
+* attention ``longkit_lm_infinite`` registered in transformers' ``AttentionInterface`` AND a mask
+  builder under the same key in ``AttentionMaskInterface`` (without it transformers hands the attention
+  no mask and padding is lost). The builder returns only the 2-D padding mask (or ``None``): the Λ
+  pattern is applied inside the attention, so no T×T mask is ever built;
+* the model's ``_prepare_cache_for_generation`` is wrapped (this instance only) so ``generate()``
+  uses :class:`~longkit.hf_patches.lm_infinite_cache.LMInfiniteCache` (constant memory);
+* CUDA tensors without padding go to the shared Triton kernel
+  (:func:`longkit.kernels.masked_attention` with a ``sink_window`` mask and the rotated
+  ``q_global``/``k_global`` pair); everything else to the chunked PyTorch path
+  (:func:`longkit.kernels.lambda_attn.chunked_lambda_attention`).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import LMInfiniteConfig
+from ..errors import UnsupportedModelError
+from ..kernels.lambda_attn import LambdaPositions, chunked_lambda_attention
+from ..kernels.rope import naive_rope_rotate
+from .lm_infinite_cache import LMInfiniteCache, sink_columns
+
+ATTN_KEY = "longkit_lm_infinite"
+_STATE_ATTR = "_longkit_lm_infinite"
+_STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+__all__ = ["ATTN_KEY", "install", "uninstall", "lm_infinite_attention", "lm_infinite_mask"]
+
+
+@dataclass
+class _LayerState:
+    cfg: LMInfiniteConfig  # resolved: n_local and limit_distance are ints
+    rotary: nn.Module  # the model's rotary embedding (inv_freq read at call time: device moves follow)
+
+
+# ---------------------------------------------------------------------------------------------- mask
+def lm_infinite_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                     mask_function: Any = None, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    """Mask builder for ``AttentionMaskInterface``: the 2-D padding mask ``[B, kv_length]`` or ``None``.
+
+    Returning only padding keeps memory O(T); the attention applies the Λ rule from positions.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _positions(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None, n_global: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Query positions ``[B, Tq]``, key positions ``[B, Tk]`` (-1 = padding) and the sink column count."""
+    b, _, tq, _ = query.shape
+    tk = key.shape[2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise UnsupportedModelError(
+            f"lm_infinite received a {attention_mask.dim()}-D attention mask; only 2-D padding masks are "
+            "supported (custom 4-D masks cannot be combined with the Λ pattern)"
+        )
+    if position_ids is None:
+        raise UnsupportedModelError(
+            "lm_infinite needs `position_ids` in the attention kwargs; this model's attention does not pass them"
+        )
+    q_pos = position_ids.to(query.device).long().expand(b, tq)
+    if attention_mask is None:
+        if tk == tq:  # no cache: the keys are these very tokens
+            if tq > 1 and bool((q_pos[:, 1:] < q_pos[:, :-1]).any()):
+                raise UnsupportedModelError(
+                    "lm_infinite does not support packed sequences (position_ids that restart inside a row)"
+                )
+            return q_pos, q_pos, n_global
+        logical = int(q_pos[0, -1].item()) + 1
+        k_all = torch.arange(logical, device=query.device).expand(b, logical)
+        sink = n_global
+    else:
+        mask = attention_mask.to(query.device).bool()
+        logical = mask.shape[-1]
+        k_all = torch.where(mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long))
+        expected = k_all[:, logical - tq:]
+        real = expected >= 0
+        if not torch.equal(q_pos[real], expected[real]):
+            raise ValueError(
+                "lm_infinite with padding needs position_ids = attention_mask.cumsum(-1) - 1 for real tokens "
+                "(generate() does this; for a plain forward pass them explicitly)"
+            )
+        sink = sink_columns(mask, n_global)
+    if tk == logical:
+        return q_pos, k_all, sink
+    if sink < tk < logical:  # bounded cache: sink columns + the most recent columns
+        k_pos = torch.cat([k_all[:, :sink], k_all[:, logical - (tk - sink):]], dim=1)
+        return q_pos, k_pos, sink
+    raise ValueError(
+        f"lm_infinite got {tk} cached keys for {logical} tokens with {sink} sink columns: the cache does not "
+        "match the LM-Infinite layout (build LMInfiniteCache with the prompt's attention_mask, or let "
+        "generate() create it)"
+    )
+
+
+def _kernel_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling):
+    """Shared Triton kernel (CUDA, no padding): index mask ``sink_window`` + rotated global pair."""
+    from ..kernels import masked_attention, sink_window
+
+    tq, tk = query.shape[2], key.shape[2]
+    n_g = min(sink, tk)
+    q_global = naive_rope_rotate(query, cfg.limit_distance - q_pos, inv_freq) if n_g else None
+    k_global = naive_rope_rotate(key[:, :, :n_g], -k_pos[:, :n_g], inv_freq) if n_g else None
+    # With eviction the index distance to sink columns is always >= n_local, as the true distance is,
+    # and window columns keep their relative index distances: the index-based mask is exact.
+    mask = sink_window(n_g, cfg.n_local, q_offset=tk - tq)
+    return masked_attention(query, key, value, mask=mask, scale=scaling, q_global=q_global, k_global=k_global)
+
+
+def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None,
+                          dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` function: ``query [B,Hq,Tq,D]``, ``key/value [B,Hkv,Tk,D]`` (post-RoPE)
+    -> ``([B, Tq, Hq, D], None)``."""
+    state: _LayerState | None = getattr(module, _STATE_ATTR, None)
+    if state is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} was switched to '{ATTN_KEY}' without longkit.apply_patches(model, "
+            "lm_infinite=...); call apply_patches instead of set_attn_implementation"
+        )
+    if dropout and module.training:
+        raise NotImplementedError("lm_infinite attention does not implement attention dropout")
+    cfg = state.cfg
+    inv_freq = state.rotary.inv_freq
+    q_pos, k_pos, sink = _positions(query, key, attention_mask, kwargs.get("position_ids"), cfg.n_global)
+    if query.is_cuda and attention_mask is None and _kernel_available():
+        out = _kernel_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling)
+    else:
+        out = chunked_lambda_attention(
+            query, key, value, LambdaPositions(q_pos, k_pos), n_global=cfg.n_global, n_local=cfg.n_local,
+            limit=cfg.limit_distance, inv_freq=inv_freq, scale=scaling, chunk=cfg.query_chunk,
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _kernel_available() -> bool:
+    try:
+        from ..kernels import masked_attention  # noqa: F401
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- install
+def _register_with_transformers() -> None:
+    """Register the attention and its mask builder under one key (idempotent, new key only)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    if AttentionInterface._global_mapping.get(ATTN_KEY) is not lm_infinite_attention:
+        AttentionInterface.register(ATTN_KEY, lm_infinite_attention)
+    if AttentionMaskInterface._global_mapping.get(ATTN_KEY) is not lm_infinite_mask:
+        AttentionMaskInterface.register(ATTN_KEY, lm_infinite_mask)
+
+
+def _check_model(model: nn.Module, cfg: LMInfiniteConfig) -> tuple[nn.Module, list[nn.Module]]:
+    config = model.config
+    backbone = getattr(model, "model", model)
+    rotary = getattr(backbone, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        raise UnsupportedModelError(f"{type(model).__name__} has no `model.rotary_emb.inv_freq`; LM-Infinite "
+                                    "needs a RoPE model")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in _STATIC_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"lm_infinite supports static RoPE types {sorted(_STATIC_ROPE_TYPES)}; this model uses '{rope_type}', "
+            "whose frequencies change with length"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise UnsupportedModelError(
+            f"lm_infinite needs full-attention layers only; config.layer_types has {sorted(set(layer_types))}"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and cfg.n_local > window:
+        raise UnsupportedModelError(
+            f"this model was trained with a sliding window of {window} tokens; lm_infinite n_local={cfg.n_local} "
+            f"exceeds it. Use n_local <= {window}."
+        )
+    attns = [m for m in backbone.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim")
+             and hasattr(m, "q_proj")]
+    if not attns:
+        raise UnsupportedModelError(f"found no attention modules with q_proj/layer_idx in {type(model).__name__}")
+    head_dim = attns[0].head_dim
+    if 2 * rotary.inv_freq.numel() != head_dim:
+        raise UnsupportedModelError(
+            f"partial rotary embeddings are not supported (rotary dim {2 * rotary.inv_freq.numel()} != head dim "
+            f"{head_dim})"
+        )
+    return rotary, attns
+
+
+def install(model: nn.Module, cfg: LMInfiniteConfig) -> dict[str, Any]:
+    """Switch this model instance to LM-Infinite. Returns what :func:`uninstall` needs to undo it."""
+    cfg = cfg.resolved(model.config.max_position_embeddings)
+    rotary, attns = _check_model(model, cfg)
+    _register_with_transformers()
+    undo: dict[str, Any] = {"attn_implementation": model.config._attn_implementation, "modules": attns}
+    for m in attns:
+        setattr(m, _STATE_ATTR, _LayerState(cfg, rotary))
+    model.set_attn_implementation(ATTN_KEY)
+    if model.config._attn_implementation != ATTN_KEY:
+        raise UnsupportedModelError(f"{type(model).__name__} refused attn_implementation='{ATTN_KEY}'")
+    if cfg.bounded_cache:
+        undo["prepare_cache"] = "_prepare_cache_for_generation" in vars(model)
+        original = model._prepare_cache_for_generation
+        n_layers = model.config.num_hidden_layers
+
+        def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+            # Only when generate() would build its default dynamic cache: a user cache or an explicit
+            # cache_implementation is respected as given.
+            if (model_kwargs.get("past_key_values") is None and generation_config.cache_implementation is None
+                    and generation_config.use_cache is not False):
+                model_kwargs["past_key_values"] = LMInfiniteCache(
+                    n_layers, cfg.n_global, cfg.n_local, model_kwargs.get("attention_mask"))
+                return None
+            return original(generation_config, model_kwargs, *args, **kwargs)
+
+        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    undo["touched"] = len(attns)
+    return undo
+
+
+def uninstall(model: nn.Module, undo: dict[str, Any]) -> None:
+    """Undo :func:`install` on this instance."""
+    for m in undo["modules"]:
+        if hasattr(m, _STATE_ATTR):
+            delattr(m, _STATE_ATTR)
+    if "prepare_cache" in undo and not undo["prepare_cache"]:
+        model.__dict__.pop("_prepare_cache_for_generation", None)
+    model.set_attn_implementation(undo["attn_implementation"])

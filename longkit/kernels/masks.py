@@ -1,0 +1,215 @@
+"""The one mask specification shared by every masked-attention caller.
+
+Layout convention (used by every kernel in :mod:`longkit.kernels`):
+``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` with ``Hq % Hkv == 0`` (GQA, K/V never repeated).
+Keys sit at positions ``0 .. Tk-1``; query ``i`` sits at position ``q_offset + i`` (``q_offset =
+Tk - Tq`` for the usual "queries are the last tokens" case of chunked prefill and decoding).
+
+A key ``j`` is visible to query ``i`` (positions ``p = q_offset + i`` and ``j``) when all hold:
+
+* causal: ``j <= p``;
+* window (``n_local``): ``p - j < n_local`` — the *local branch* — or ``j < n_global`` — the *global
+  branch* (LM-Infinite's Λ shape; StreamingLLM's sinks). Without a window every causal key is local;
+* documents (``cu_seqlens``, packed rows, ``B == 1``, ``Tq == Tk``): ``j`` and ``p`` in the same document,
+  and windows/sinks are counted from the document start;
+* shared prefix (prefix-shared DPO): per document (or per batch row without documents) two offsets
+  ``chosen_start`` and ``rejected_start`` relative to its start; a query at ``>= rejected_start``
+  cannot see keys in ``[chosen_start, rejected_start)``. The packed row is
+  ``prompt + chosen + prompt[-1] + rejected`` with ``chosen_start = P - 1``, ``rejected_start = P + C``.
+
+The LM-Infinite *distance limit* is not a visibility rule: global-branch keys outside the window are
+scored with a second query/key pair (``q_global``/``k_global``) that the caller rotates so that their
+relative distance is the clamped one. See :func:`longkit.kernels.masked_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["AttentionMask", "causal", "sink_window", "documents", "shared_prefix"]
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Visibility rule between queries and keys (see module docstring for the exact semantics).
+
+    Build it with :func:`causal`, :func:`sink_window`, :func:`documents`, :func:`shared_prefix` and
+    combine with ``&`` (e.g. ``documents(cu) & shared_prefix(segs)`` for packed prefix-shared DPO).
+    """
+
+    causal: bool = True
+    q_offset: int = 0
+    n_global: int = 0
+    n_local: int | None = None
+    cu_seqlens: torch.Tensor | None = None
+    prefix_segments: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.causal:
+            raise ValueError("only causal masks are supported (causal=False given)")
+        if self.q_offset < 0:
+            raise ValueError(f"q_offset must be >= 0, got {self.q_offset}")
+        if self.n_global < 0:
+            raise ValueError(f"n_global must be >= 0, got {self.n_global}")
+        if self.n_local is not None and self.n_local < 1:
+            raise ValueError(f"n_local must be >= 1 (or None for no window), got {self.n_local}")
+        if self.n_global and self.n_local is None:
+            raise ValueError("n_global (sink tokens) only makes sense together with a window n_local")
+        if self.cu_seqlens is not None:
+            cu = self.cu_seqlens
+            if cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    "cu_seqlens must be a 1-D int32/int64 tensor [num_docs + 1] starting at 0, "
+                    f"got shape {tuple(cu.shape)} dtype {cu.dtype}"
+                )
+        if self.prefix_segments is not None:
+            seg = self.prefix_segments
+            if seg.dim() != 2 or seg.shape[1] != 2 or seg.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    "shared-prefix segments must be an int tensor [rows_or_docs, 2] of "
+                    f"(chosen_start, rejected_start), got shape {tuple(seg.shape)} dtype {seg.dtype}"
+                )
+
+    # ------------------------------------------------------------------ composition
+    def __and__(self, other: AttentionMask) -> AttentionMask:
+        if not isinstance(other, AttentionMask):
+            return NotImplemented
+        merged = {}
+        for name, default in (("q_offset", 0), ("n_global", 0), ("n_local", None),
+                              ("cu_seqlens", None), ("prefix_segments", None)):
+            a, b = getattr(self, name), getattr(other, name)
+            if a is not None and b is not None and a is not default and b is not default:
+                same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                if not same:
+                    raise ValueError(f"cannot combine two masks that both set {name} ({a!r} vs {b!r})")
+            merged[name] = b if (a is None or a is default) else a
+        return AttentionMask(**merged)
+
+    def with_offset(self, q_offset: int) -> AttentionMask:
+        """The same rule with queries starting at absolute position ``q_offset``."""
+        return replace(self, q_offset=q_offset)
+
+    @property
+    def kind(self) -> str:
+        """Short name used in benchmark tables and error messages."""
+        parts = []
+        if self.cu_seqlens is not None:
+            parts.append("documents")
+        if self.prefix_segments is not None:
+            parts.append("shared_prefix")
+        if self.n_local is not None:
+            parts.append(f"sink_window(n_global={self.n_global}, n_local={self.n_local})")
+        return " & ".join(parts) or "causal"
+
+    # ------------------------------------------------------------------ validation
+    def check(self, batch: int, tq: int, tk: int) -> None:
+        """Raise ``ValueError`` if this mask cannot apply to the given shapes."""
+        if self.q_offset + tq > tk:
+            raise ValueError(
+                f"queries end at position q_offset + Tq = {self.q_offset} + {tq} > Tk = {tk}; "
+                "queries must be the last tokens of the keys (use q_offset = Tk - Tq)"
+            )
+        if self.cu_seqlens is not None:
+            if batch != 1:
+                raise ValueError(f"batch size must be 1 with cu_seqlens (packed documents), got {batch}")
+            if tq != tk or self.q_offset != 0:
+                raise ValueError("documents(cu_seqlens) needs Tq == Tk and q_offset == 0 (packed prefill)")
+            if int(self.cu_seqlens[0]) != 0 or int(self.cu_seqlens[-1]) != tk:
+                raise ValueError(
+                    f"cu_seqlens must start at 0 and end at Tk={tk}, got "
+                    f"[{int(self.cu_seqlens[0])} .. {int(self.cu_seqlens[-1])}]"
+                )
+            if bool((self.cu_seqlens[1:] < self.cu_seqlens[:-1]).any()):
+                raise ValueError("cu_seqlens must be non-decreasing")
+        if self.prefix_segments is not None:
+            rows = self.cu_seqlens.numel() - 1 if self.cu_seqlens is not None else batch
+            if self.prefix_segments.shape[0] != rows:
+                what = "documents" if self.cu_seqlens is not None else "batch rows"
+                raise ValueError(
+                    f"shared-prefix segments must have one (chosen_start, rejected_start) per {what}: "
+                    f"expected {rows}, got {self.prefix_segments.shape[0]}"
+                )
+            c, r = self.prefix_segments[:, 0], self.prefix_segments[:, 1]
+            if bool((c < 0).any()) or bool((r < c).any()):
+                raise ValueError("shared-prefix segments need 0 <= chosen_start <= rejected_start")
+
+    # ------------------------------------------------------------------ dense form (references, tests)
+    def dense(self, batch: int, tq: int, tk: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Materialise the rule as a bool tensor ``[B, 1, Tq, Tk]`` (True = visible).
+
+        O(Tq·Tk) memory: for references and tests only, never for long inputs.
+        """
+        self.check(batch, tq, tk)
+        p = torch.arange(tq, device=device)[:, None] + self.q_offset  # [Tq, 1] absolute query positions
+        j = torch.arange(tk, device=device)[None, :]  # [1, Tk]
+        visible = (j <= p).expand(batch, tq, tk).clone()
+        if self.cu_seqlens is not None:
+            cu = self.cu_seqlens.to(device=device, dtype=torch.long)
+            doc = torch.bucketize(torch.arange(tk, device=device), cu[1:], right=True)  # doc id per token
+            start = cu[doc]  # document start per token
+            q_doc, q_start = doc[p.squeeze(1)][:, None], start[p.squeeze(1)][:, None]
+            visible &= (doc[None, :] == q_doc)[None]
+            j_rel = (j - start[None, :])  # key offset within its document
+        else:
+            q_start = torch.zeros_like(p)
+            j_rel = j
+        if self.n_local is not None:
+            local = (p - j) < self.n_local
+            glob = j_rel < self.n_global
+            visible &= (local | glob)[None] if local.dim() == 2 else (local | glob)
+        if self.prefix_segments is not None:
+            seg = self.prefix_segments.to(device=device, dtype=torch.long)
+            if self.cu_seqlens is not None:
+                cs = (seg[doc, 0] + start)  # per token (as key) absolute chosen start of its doc
+                rs = (seg[doc, 1] + start)
+                q_rs = rs[p.squeeze(1)][:, None]
+                q_cs = cs[p.squeeze(1)][:, None]
+                hidden = (p >= q_rs) & (j >= q_cs) & (j < q_rs)
+                visible &= ~hidden[None]
+            else:
+                cs = seg[:, 0].view(batch, 1, 1)
+                rs = seg[:, 1].view(batch, 1, 1)
+                hidden = (p[None] >= rs) & (j[None] >= cs) & (j[None] < rs)
+                visible &= ~hidden
+        del q_start
+        return visible[:, None]
+
+    def global_branch(self, batch: int, tq: int, tk: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool ``[B, 1, Tq, Tk]``: visible keys reached only through the global branch (outside the window).
+
+        These are the pairs scored with ``q_global``/``k_global`` when the distance limit is used.
+        """
+        vis = self.dense(batch, tq, tk, device)
+        if self.n_local is None:
+            return torch.zeros_like(vis)
+        p = torch.arange(tq, device=device)[:, None] + self.q_offset
+        j = torch.arange(tk, device=device)[None, :]
+        return vis & ((p - j) >= self.n_local)
+
+
+def causal(q_offset: int = 0) -> AttentionMask:
+    """Plain causal attention; ``q_offset`` = absolute position of query 0 (chunked prefill, decode)."""
+    return AttentionMask(q_offset=q_offset)
+
+
+def sink_window(n_global: int, n_local: int, q_offset: int = 0) -> AttentionMask:
+    """LM-Infinite's Λ mask: the first ``n_global`` keys plus the nearest ``n_local`` keys (causal).
+
+    ``n_global=0`` gives plain causal sliding-window attention.
+    """
+    return AttentionMask(q_offset=q_offset, n_global=n_global, n_local=n_local)
+
+
+def documents(cu_seqlens: torch.Tensor) -> AttentionMask:
+    """Packed documents: block-diagonal causal over ``cu_seqlens`` (FlashAttention convention, B=1)."""
+    return AttentionMask(cu_seqlens=cu_seqlens)
+
+
+def shared_prefix(segments: torch.Tensor) -> AttentionMask:
+    """Prefix-shared DPO: ``segments[r] = (chosen_start, rejected_start)`` per row (or per document).
+
+    Queries at or after ``rejected_start`` cannot see ``[chosen_start, rejected_start)``.
+    """
+    return AttentionMask(prefix_segments=segments)

@@ -1,0 +1,9 @@
+"""RoPE (re-)rotation: shift already-rotated vectors by a per-position delta.
+
+RoPE rotations compose, ``R(a)·R(b) = R(a + b)``, so a post-RoPE key at position ``p`` becomes the
+key at ``p + Δ`` by one more rotation: used by LM-Infinite's distance limit and by KV-cache edits.
+"""
+
+from .naive import naive_rope_rotate
+
+__all__ = ["naive_rope_rotate"]

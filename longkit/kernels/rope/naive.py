@@ -1,0 +1,43 @@
+"""Plain-PyTorch RoPE rotation by a per-position delta (half-split ``rotate_half`` convention of
+Llama/Qwen/Mistral in transformers: pairs are dimensions ``i`` and ``i + D/2``)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["naive_rope_rotate"]
+
+
+def naive_rope_rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` by ``delta`` positions: ``x·cos(Δθ) + rotate_half(x)·sin(Δθ)``.
+
+    Pure rotation (no ``attention_scaling``): a vector that already carries RoPE's scaling keeps it.
+
+    Args:
+        x: ``[B, H, T, D]`` vectors (any float dtype); ``D == 2 * inv_freq.numel()``.
+        delta: ``[B, T]`` or ``[T]`` integer or float position shifts (may be negative).
+        inv_freq: ``[D/2]`` RoPE inverse frequencies (``model.model.rotary_emb.inv_freq``).
+
+    Returns:
+        ``[B, H, T, D]`` tensor of ``x``'s dtype, rotated in fp32.
+
+    Examples::
+
+        >>> x = torch.randn(1, 2, 5, 8); f = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+        >>> back = naive_rope_rotate(naive_rope_rotate(x, torch.full((5,), 3), f), torch.full((5,), -3), f)
+        >>> torch.allclose(back, x, atol=1e-5)
+        True
+    """
+    d = x.shape[-1]
+    if d != 2 * inv_freq.numel():
+        raise ValueError(
+            f"head dim {d} != 2 * len(inv_freq) = {2 * inv_freq.numel()}: partial rotary embeddings are not supported"
+        )
+    if delta.dim() == 1:
+        delta = delta[None]
+    ang = delta.to(torch.float32)[:, None, :, None] * inv_freq.to(device=x.device, dtype=torch.float32)
+    cos, sin = torch.cos(ang), torch.sin(ang)  # [B|1, 1, T, D/2]
+    xf = x.to(torch.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
