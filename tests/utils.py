@@ -1,0 +1,25 @@
+"""Tiny randomly initialised models of real architectures, built from configs (no network)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=48)
+
+_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+}
+
+
+def tiny_model(model_type: str = "llama", dtype: torch.dtype = torch.float32, **overrides):
+    """A 2-layer GQA model of ``model_type`` with random weights, in eval mode."""
+    cfg_name, model_name, extra = _CONFIGS[model_type]
+    cfg = getattr(transformers, cfg_name)(**{**TINY, **extra, **overrides})
+    cfg._attn_implementation = "sdpa"
+    model = getattr(transformers, model_name)(cfg).to(dtype).eval()
+    return model
