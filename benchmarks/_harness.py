@@ -34,7 +34,8 @@ def env_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "commit": _git_commit(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
     }
     for mod in ("triton", "transformers", "trl", "deepspeed", "vllm"):
         try:

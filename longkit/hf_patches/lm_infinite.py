@@ -18,6 +18,7 @@ Installed per model instance by ``longkit.apply_patches(model, lm_infinite=...)`
 from __future__ import annotations
 
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,18 @@ def lm_infinite_mask(batch_size: int, q_length: int, kv_length: int, q_offset: i
 
 
 # ---------------------------------------------------------------------------------------------- attention
+_LAST_POS: list = [None, 0]  # (weakref to the position_ids tensor of the current forward, its last value)
+
+
+def _last_position(position_ids: torch.Tensor) -> int:
+    """``position_ids[0, -1]`` as an int, read from the device once per forward (not once per layer)."""
+    ref = _LAST_POS[0]
+    if ref is None or ref() is not position_ids:
+        _LAST_POS[0] = weakref.ref(position_ids)
+        _LAST_POS[1] = int(position_ids.reshape(-1)[-1].item())
+    return _LAST_POS[1]
+
+
 def _positions(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                position_ids: torch.Tensor | None, n_global: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Query positions ``[B, Tq]``, key positions ``[B, Tk]`` (-1 = padding) and the sink column count."""
@@ -78,7 +91,7 @@ def _positions(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Ten
                     "lm_infinite does not support packed sequences (position_ids that restart inside a row)"
                 )
             return q_pos, q_pos, n_global
-        logical = int(q_pos[0, -1].item()) + 1
+        logical = _last_position(position_ids) + 1
         k_all = torch.arange(logical, device=query.device).expand(b, logical)
         sink = n_global
     else:
@@ -119,6 +132,30 @@ def _kernel_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling):
     return masked_attention(query, key, value, mask=mask, scale=scaling, q_global=q_global, k_global=k_global)
 
 
+def _decode_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling):
+    """One query per row and no padding: fold the distance limit into the few sink keys.
+
+    ``q'·k'`` of the global branch equals ``q · R(p - limit - s) k`` for the stored post-RoPE key at
+    position ``s``; rotating only the ``sink`` keys lets one fused SDPA call score both branches (every
+    cached window key is inside the window by construction of the cache).
+    """
+    import torch.nn.functional as F
+
+    # Without padding the window columns hold contiguous positions ending at the query's.
+    n_g = min(sink, key.shape[2])
+    if n_g:
+        s = k_pos[:, :n_g]
+        p = q_pos[:, -1:]
+        delta = torch.where(p - s >= cfg.n_local, p - cfg.limit_distance - s, torch.zeros_like(s))
+        key = torch.cat([naive_rope_rotate(key[:, :, :n_g], delta, inv_freq), key[:, :, n_g:]], dim=2)
+    extra = key.shape[2] - n_g - cfg.n_local
+    if extra > 0:  # full (unbounded) cache: window keys farther than n_local are dropped
+        key = torch.cat([key[:, :, :n_g], key[:, :, n_g + extra:]], dim=2)
+        value = torch.cat([value[:, :, :n_g], value[:, :, n_g + extra:]], dim=2)
+    return F.scaled_dot_product_attention(query, key, value, scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1])
+
+
 def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, scaling: float | None = None,
                           dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -135,7 +172,9 @@ def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     cfg = state.cfg
     inv_freq = state.rotary.inv_freq
     q_pos, k_pos, sink = _positions(query, key, attention_mask, kwargs.get("position_ids"), cfg.n_global)
-    if query.is_cuda and attention_mask is None and _kernel_available():
+    if query.is_cuda and attention_mask is None and query.shape[2] == 1:
+        out = _decode_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling)
+    elif query.is_cuda and attention_mask is None and _kernel_available():
         out = _kernel_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling)
     else:
         out = chunked_lambda_attention(
@@ -147,8 +186,9 @@ def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
 
 def _kernel_available() -> bool:
     try:
-        from ..kernels import masked_attention  # noqa: F401
         import triton  # noqa: F401
+
+        from ..kernels import masked_attention  # noqa: F401
     except ImportError:
         return False
     return True

@@ -271,3 +271,24 @@ def test_attention_key_without_apply_patches_and_packed_positions_raise():
     packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
     with pytest.raises(UnsupportedModelError, match="packed sequences"):
         model(torch.randint(0, 96, (1, 7)), position_ids=packed)
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "fullcache"])
+def test_decode_fast_path_equals_reference(bounded):
+    """The one-query SDPA path (used on CUDA) computes the same as the chunked reference; run on CPU."""
+    from longkit.hf_patches.lm_infinite import _decode_path
+
+    b, hq, hkv, d, n_g, n_local, length = 2, 4, 2, 16, 3, 8, 30
+    f = _inv_freq(d)
+    cfg = LMInfiniteConfig(n_global=n_g, n_local=n_local).resolved(64)
+    if bounded:  # sink columns + the last n_local columns, as LMInfiniteCache returns them
+        k_pos = torch.cat([torch.arange(n_g), torch.arange(length - n_local, length)]).repeat(b, 1)
+    else:
+        k_pos = torch.arange(length).repeat(b, 1)
+    q_pos = torch.full((b, 1), length - 1)
+    q = torch.randn(b, hq, 1, d)
+    k, v = torch.randn(b, hkv, k_pos.shape[1], d), torch.randn(b, hkv, k_pos.shape[1], d)
+    got = _decode_path(q, k, v, q_pos, k_pos, n_g, cfg, f, None)
+    ref = chunked_lambda_attention(q, k, v, LambdaPositions(q_pos, k_pos), n_global=n_g, n_local=n_local,
+                                   limit=cfg.limit_distance, inv_freq=f)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
