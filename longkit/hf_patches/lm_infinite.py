@@ -172,7 +172,7 @@ def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     cfg = state.cfg
     inv_freq = state.rotary.inv_freq
     q_pos, k_pos, sink = _positions(query, key, attention_mask, kwargs.get("position_ids"), cfg.n_global)
-    if query.is_cuda and attention_mask is None and query.shape[2] == 1:
+    if attention_mask is None and query.shape[2] == 1:
         out = _decode_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling)
     elif query.is_cuda and attention_mask is None and _kernel_available():
         out = _kernel_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling)
