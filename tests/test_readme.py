@@ -1,0 +1,33 @@
+"""The README's test command is exactly what CI runs, and the public API is what the README shows."""
+
+from pathlib import Path
+
+import longkit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_lines = [ln.strip() for ln in (ROOT / ".ci/run").read_text().splitlines()
+                if ln.strip() and not ln.strip().startswith("#")]
+    command = ci_lines[-1]
+    assert "python -m pytest" in command
+    assert command in (ROOT / "README.md").read_text()
+
+
+def test_public_api_is_small_and_pinned():
+    assert sorted(longkit.__all__) == sorted([
+        "apply_patches", "remove_patches", "patched", "LMInfiniteConfig", "LongkitError",
+        "UnsupportedModelError", "HostVersionError", "ConfigError", "__version__",
+    ])
+
+
+def test_import_longkit_imports_no_optional_host():
+    import subprocess
+    import sys
+
+    code = ("import sys, longkit, longkit.kernels; "
+            "bad=[m for m in ('transformers','triton','deepspeed','vllm','trl') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
