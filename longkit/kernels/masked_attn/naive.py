@@ -37,24 +37,27 @@ def naive_masked_attention(
     Returns:
         ``(out, lse)``: ``out [B, Hq, Tq, D]`` in ``q.dtype`` and the natural-log log-sum-exp of the
         scaled scores ``lse [B, Hq, Tq]`` in fp32. Rows without a visible key give ``out = 0`` and
-        ``lse = -inf``.
+        ``lse = -inf``. fp64 inputs are computed (and lse returned) in fp64.
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    cdt = torch.promote_types(q.dtype, torch.float32)  # fp32 math (fp64 when given fp64)
     visible = mask.dense(B, Tq, Tk, device=q.device)  # [B, 1, Tq, Tk]
 
-    kf = k.float().repeat_interleave(group, dim=1)  # [B, Hq, Tk, D] (reference only: materialised)
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhid,bhjd->bhij", q.float(), kf) * scale
+    kf = k.to(cdt).repeat_interleave(group, dim=1)  # [B, Hq, Tk, D] (reference only: materialised)
+    vf = v.to(cdt).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(cdt), kf) * scale
     if q_global is not None or k_global is not None:
         if q_global is None or k_global is None:
             raise ValueError("q_global and k_global must be given together")
+        if mask.cu_seqlens is not None:
+            raise NotImplementedError("q_global/k_global (distance limit) with documents is not supported")
         n_global = k_global.shape[2]
         glob = mask.global_branch(B, Tq, Tk, device=q.device)[..., :n_global]  # [B, 1, Tq, n_global]
-        kg = k_global.float().repeat_interleave(group, dim=1)
-        scores_g = torch.einsum("bhid,bhjd->bhij", q_global.float(), kg) * scale
+        kg = k_global.to(cdt).repeat_interleave(group, dim=1)
+        scores_g = torch.einsum("bhid,bhjd->bhij", q_global.to(cdt), kg) * scale
         head = torch.where(glob, scores_g, scores[..., :n_global])
         scores = torch.cat([head, scores[..., n_global:]], dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))

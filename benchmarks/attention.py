@@ -1,0 +1,289 @@
+"""Masked flash attention (longkit Triton) vs FlexAttention and SDPA, forward and forward+backward.
+
+TFLOP/s count only visible (query, key) pairs, exactly (per-row closed forms): forward = 4·D per pair,
+forward+backward = 3.5x forward. Usage (on a GPU)::
+
+    PYTHONPATH=. python benchmarks/attention.py --out-dir $OUT [--hd 64 128] [--seqlens 4096 16384 65536]
+        [--masks causal lambda lambda_qglobal documents shared_prefix] [--no-flex] [--tag part1]
+
+Shapes: B·T = 65536 tokens, H = 32 (MHA). Documents / shared prefix need B = 1 (packed), so they use
+one row of T tokens and H = 32·(65536 // T) heads (the same token·head volume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._harness import env_info, print_table, save_results  # noqa: E402
+
+# ruff: noqa: B023 - closures over loop variables are timed inside the same iteration
+from longkit.kernels import AttentionMask, causal, documents, masked_attention, shared_prefix, sink_window  # noqa: E402
+
+N_LOCAL, N_GLOBAL = 4096, 4
+
+
+def _doc_lengths(total: int, lo: int, hi: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    lens, s = [], 0
+    while s < total:
+        n = min(rng.randint(lo, hi), total - s)
+        lens.append(n)
+        s += n
+    return lens
+
+
+def make_case(kind: str, T: int, device: str) -> dict[str, Any]:
+    """Mask, batch, heads, lengths and flex mask_mod for a mask kind at sequence length ``T``."""
+    tokens = 65536
+    if kind in ("causal", "lambda", "lambda_qglobal"):
+        B, H, L = max(1, tokens // T), 32, T
+        mask = causal() if kind == "causal" else sink_window(N_GLOBAL, N_LOCAL)
+        return {"mask": mask, "B": B, "H": H, "T": L, "doc": None, "seg": None}
+    H = 32 * max(1, tokens // T)
+    if kind == "documents":
+        lens = _doc_lengths(T, 256, 4096, seed=T)
+        segs = None
+    elif kind == "shared_prefix":
+        P, C, R = 2048, 512, 512
+        n_pairs = max(1, T // (P + C + 1 + R))
+        lens = [P + C + 1 + R] * n_pairs
+        segs = [[P - 1, P + C]] * n_pairs
+    else:
+        raise ValueError(kind)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    mask = documents(cu)
+    seg = None
+    if segs is not None:
+        seg = torch.tensor(segs, dtype=torch.int32, device=device)
+        mask = mask & shared_prefix(seg)
+    return {"mask": mask, "B": 1, "H": H, "T": int(cu[-1]), "doc": cu, "seg": seg}
+
+
+def visible_pairs(mask: AttentionMask, B: int, T: int) -> int:
+    """Exact number of visible (query, key) pairs per head (closed form per row, no dense mask)."""
+    p = torch.arange(T, dtype=torch.float64)
+    lo = torch.zeros(T, dtype=torch.float64)
+    if mask.cu_seqlens is not None:
+        cu = mask.cu_seqlens.cpu().long()
+        doc = torch.bucketize(torch.arange(T), cu[1:], right=True).clamp_max(cu.numel() - 2)
+        lo = cu[doc].double()
+    base = p - lo + 1
+    if mask.n_local is not None:
+        local = torch.minimum(base, torch.full_like(base, mask.n_local))
+        extra = (p - mask.n_local + 1 - lo).clamp(min=0).clamp(max=mask.n_global)
+        base = local + extra
+    total = base.sum().item() * B
+    if mask.prefix_segments is not None:
+        seg = mask.prefix_segments.cpu().long()
+        if mask.cu_seqlens is not None:
+            cu = mask.cu_seqlens.cpu().long()
+            L = (cu[1:] - cu[:-1]).clamp(min=0)
+            c, r = seg[:, 0].clamp(max=L), seg[:, 1].clamp(max=L)
+            total -= ((L - r).clamp(min=0) * (r - c)).sum().item()
+    return int(total)
+
+
+def flex_mask_mod(case: dict[str, Any]):  # noqa: ANN201
+    mask: AttentionMask = case["mask"]
+    if case["doc"] is not None:
+        T = case["T"]
+        cu = case["doc"].long()
+        doc = torch.bucketize(torch.arange(T, device=cu.device), cu[1:], right=True).clamp_max(cu.numel() - 2)
+        start = cu[doc]
+        if case["seg"] is not None:
+            seg = case["seg"].long()
+            cs, rs = seg[doc, 0] + start, seg[doc, 1] + start
+
+            def mm(b, h, q, kv):  # noqa: ANN001, ANN202
+                hidden = (q >= rs[q]) & (kv >= cs[q]) & (kv < rs[q])
+                return (q >= kv) & (doc[q] == doc[kv]) & ~hidden
+            return mm
+
+        def mm(b, h, q, kv):  # noqa: ANN001, ANN202
+            return (q >= kv) & (doc[q] == doc[kv])
+        return mm
+    if mask.n_local is not None:
+        nl, ng = mask.n_local, mask.n_global
+
+        def mm(b, h, q, kv):  # noqa: ANN001, ANN202
+            return (q >= kv) & (((q - kv) < nl) | (kv < ng))
+        return mm
+
+    def mm(b, h, q, kv):  # noqa: ANN001, ANN202
+        return q >= kv
+    return mm
+
+
+def bench(fn, grad: bool, tensors: list[torch.Tensor], do: torch.Tensor) -> float:  # noqa: ANN001
+    import triton.testing
+
+    if not grad:
+        def run():  # noqa: ANN202
+            with torch.no_grad():
+                fn()
+    else:
+        def run():  # noqa: ANN202
+            out = fn()
+            torch.autograd.grad(out, tensors, do)
+    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+
+
+FWD_SWEEP = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "128,128,8,2", "64,64,4,3", "128,64,8,4", "128,32,4,3"]
+BWD_SWEEP = ["64,128,8,2;128,64,8,2", "32,128,4,3;128,32,4,3", "64,128,4,2;128,64,4,2", "64,64,4,3;64,64,4,3",
+             "32,64,4,3;64,32,4,3", "64,128,8,3;128,64,8,3", "128,128,8,2;128,128,8,2", "64,128,8,1;128,64,8,1"]
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Time the Triton kernels under several block configs (env overrides read by the launchers)."""
+    import os
+
+    import triton.testing
+
+    rows = []
+    for D in args.hd:
+        for kind in args.masks:
+            case = make_case(kind, args.seqlens[0], "cuda")
+            B, H, L, mask = case["B"], case["H"], case["T"], case["mask"]
+            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            do = torch.randn_like(q)
+            flops = 4.0 * D * visible_pairs(mask, B, L) * H
+            with torch.no_grad():
+                out, lse = masked_attention(q, k, v, mask=mask, return_lse=True)
+            from longkit.kernels.masked_attn.flash import flash_masked_attention_bwd
+
+            for fast in ("1", "0"):
+                os.environ["LONGKIT_ATTN_FAST_PATH"] = fast
+                for cfg in FWD_SWEEP if fast == "1" else FWD_SWEEP[:1]:
+                    os.environ["LONGKIT_ATTN_FWD_CONFIG"] = cfg
+                    try:
+                        ms = triton.testing.do_bench(lambda: masked_attention(q, k, v, mask=mask), warmup=10,
+                                                     rep=50, return_mode="median")
+                        rows.append({"D": D, "mask": kind, "fast": fast, "pass": "fwd", "cfg": cfg, "ms": ms,
+                                     "tflops": flops / ms / 1e9})
+                    except Exception as e:  # noqa: BLE001
+                        rows.append({"D": D, "mask": kind, "fast": fast, "pass": "fwd", "cfg": cfg,
+                                     "error": str(e)[:100]})
+                    print(rows[-1], flush=True)
+                os.environ.pop("LONGKIT_ATTN_FWD_CONFIG")
+                for cfg in BWD_SWEEP if fast == "1" else BWD_SWEEP[:1]:
+                    os.environ["LONGKIT_ATTN_BWD_CONFIG"] = cfg
+                    n_local = mask.n_local or 0
+                    try:
+                        ms = triton.testing.do_bench(lambda: flash_masked_attention_bwd(
+                            do, None, q, k, v, out, lse, None, None, mask.cu_seqlens, mask.prefix_segments,
+                            0, mask.n_global, n_local, D ** -0.5), warmup=10, rep=50, return_mode="median")
+                        rows.append({"D": D, "mask": kind, "fast": fast, "pass": "bwd", "cfg": cfg, "ms": ms,
+                                     "tflops": 2.5 * flops / ms / 1e9})
+                    except Exception as e:  # noqa: BLE001
+                        rows.append({"D": D, "mask": kind, "fast": fast, "pass": "bwd", "cfg": cfg,
+                                     "error": str(e)[:100]})
+                    print(rows[-1], flush=True)
+                os.environ.pop("LONGKIT_ATTN_BWD_CONFIG")
+            os.environ.pop("LONGKIT_ATTN_FAST_PATH")
+    print_table(rows, title="config sweep")
+    save_results(f"attention_sweep{args.tag}", rows, None, args.out_dir)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hd", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--masks", nargs="+",
+                    default=["causal", "lambda", "lambda_qglobal", "documents", "shared_prefix"])
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--sweep", action="store_true", help="time kernel configs (causal, B=4, T=16k) and exit")
+    args = ap.parse_args()
+    if args.sweep:
+        sweep(args)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    dev = "cuda"
+    rows: list[dict[str, Any]] = []
+    for D in args.hd:
+        for T in args.seqlens:
+            for kind in args.masks:
+                case = make_case(kind, T, dev)
+                B, H, L, mask = case["B"], case["H"], case["T"], case["mask"]
+                g = torch.Generator(device=dev).manual_seed(0)
+
+                def r(*s: int) -> torch.Tensor:
+                    return torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_(True)
+
+                q, k, v = r(B, H, L, D), r(B, H, L, D), r(B, H, L, D)
+                do = torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
+                extra: dict[str, torch.Tensor] = {}
+                if kind == "lambda_qglobal":
+                    extra = {"q_global": r(B, H, L, D), "k_global": r(B, H, N_GLOBAL, D)}
+                tensors = [q, k, v, *extra.values()]
+                pairs = visible_pairs(mask, B, L)
+                fwd_flops = 4.0 * D * pairs * H
+                density = pairs / (B * L * L)
+                impls: list[tuple[str, Any, list[torch.Tensor]]] = [
+                    ("longkit", lambda: masked_attention(q, k, v, mask=mask, **extra), tensors)]
+                if kind == "causal":
+                    backends = (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION))
+                    for name, be in backends:
+                        def f(be=be):  # noqa: ANN001, ANN202
+                            with sdpa_kernel([be]):
+                                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                        impls.append((name, f, [q, k, v]))
+                if not args.no_flex and kind != "lambda_qglobal":
+                    bm = create_block_mask(flex_mask_mod(case), None, None, L, L, device=dev, _compile=True)
+                    impls.append(("flex", lambda bm=bm: flex(q, k, v, block_mask=bm), [q, k, v]))
+                for name, fn, ts in impls:
+                    row = {"D": D, "T": L, "B": B, "H": H, "mask": kind, "density": round(density, 4),
+                           "impl": name}
+                    try:
+                        ms = bench(fn, False, ts, do)
+                        row.update(fwd_ms=ms, fwd_tflops=fwd_flops / ms / 1e9)
+                        if not args.no_bwd:
+                            ms2 = bench(fn, True, ts, do)
+                            row.update(fwdbwd_ms=ms2, fwdbwd_tflops=3.5 * fwd_flops / ms2 / 1e9)
+                    except Exception as e:  # noqa: BLE001 - a baseline may not support a shape
+                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    rows.append(row)
+                    print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()},
+                          flush=True)
+                torch.cuda.empty_cache()
+    # speed-ups vs flex / best sdpa in the same (D, T, mask)
+    for row in rows:
+        if row["impl"] != "longkit" or "fwd_ms" not in row:
+            continue
+        def comparable(x: dict[str, Any], row: dict[str, Any] = row) -> bool:
+            qglobal_vs_flex = row["mask"] == "lambda_qglobal" and x["mask"] == "lambda" and x["impl"] == "flex"
+            return (x["D"] == row["D"] and x["T"] == row["T"] and x["impl"] != "longkit" and "fwd_ms" in x
+                    and (x["mask"] == row["mask"] or qglobal_vs_flex))
+
+        same = [x for x in rows if comparable(x)]
+        for x in same:
+            key = "flex" if x["impl"] == "flex" else x["impl"]
+            row[f"fwd_x_{key}"] = round(x["fwd_ms"] / row["fwd_ms"], 3)
+            if "fwdbwd_ms" in row and "fwdbwd_ms" in x:
+                row[f"fwdbwd_x_{key}"] = round(x["fwdbwd_ms"] / row["fwdbwd_ms"], 3)
+    print_table(rows, ["D", "T", "B", "H", "mask", "density", "impl", "fwd_ms", "fwd_tflops", "fwdbwd_ms",
+                       "fwdbwd_tflops", "fwd_x_flex", "fwdbwd_x_flex", "fwd_x_sdpa_flash", "fwd_x_sdpa_cudnn",
+                       "error"], title="masked attention, bf16")
+    name = torch.cuda.get_device_name(0).lower()
+    short = "h100" if "h100" in name else "h200" if "h200" in name else name.split()[-1]
+    save_results(f"attention_{short}{args.tag}", rows, {"n_local": N_LOCAL, "n_global": N_GLOBAL,
+                                                          "env_extra": env_info().get("device")}, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,793 @@
+"""FlashAttention-2 style masked attention in Triton (forward, deterministic backward).
+
+Three tiers (see STYLE.md): ``_*_kernel`` Triton programs -> host launchers
+:func:`flash_masked_attention_fwd` / :func:`flash_masked_attention_bwd` -> the custom op and public
+function in :mod:`longkit.kernels.masked_attn.interface`.
+
+Design notes
+------------
+* One program per ``(query block, batch * query head)``; GQA by index (kv head ``h // group``), K/V are
+  never repeated. Offsets in int64; lengths, offsets and window sizes are not specialised
+  (``do_not_specialize``) so a new length never recompiles.
+* The mask is never materialised. Per query block a **block schedule** visits only kv blocks that can
+  be visible: ``[doc_start(p0), p1]`` minus up to two gaps (the window gap between the sink blocks and
+  the local band, and the shared-prefix gap ``[chosen_start, rejected_start)`` for rejected-branch
+  query blocks). Blocks proven fully visible skip the elementwise mask (fast path); only partially
+  visible blocks evaluate the visibility rule.
+* Documents and shared-prefix segments are turned into small per-token int32 tables on the host
+  (``[B or 1, 3, Tq]`` for queries: doc start, hidden start, hidden end; ``[B or 1, 4, Tk]`` for keys:
+  doc start, doc end, chosen start, rejected start), read inside the kernels.
+* ``lse`` is returned in natural-log units of the *scaled* scores: ``lse = log sum_j exp(scale q.k_j)``.
+* Scores use ``exp2`` with ``log2(e)`` folded into the scale; accumulation in fp32.
+* Backward: ``delta = rowsum(dO * O) - dlse`` (preprocess), then a kv-block-parallel kernel for
+  ``dk, dv`` (and ``dk_global``) that loops over the query heads of its group, and a
+  query-block-parallel kernel for ``dq`` (and ``dq_global``). No atomics: deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["flash_masked_attention_fwd", "flash_masked_attention_bwd", "build_mask_tables"]
+
+_LOG2E = 1.4426950408889634
+
+
+def _fix_interpreter_index() -> None:
+    """Work around Triton's CPU interpreter with numpy >= 2.3 (interpreter mode only).
+
+    The interpreter stores scalars as 1-element arrays and converts loop bounds with
+    ``int(array)``, which numpy >= 2.3 refuses ("only 0-dimensional arrays can be converted"), so any
+    ``for`` loop with a run-time bound fails under ``TRITON_INTERPRET=1``. We wrap the interpreter's
+    tensor patching to convert through ``.reshape(-1)[0]``. Compiled (GPU) kernels are unaffected.
+    """
+    import numpy as np
+
+    try:
+        int(np.array([1]))
+        return  # this numpy still converts 1-element arrays
+    except TypeError:
+        pass
+    from triton.runtime import interpreter as _interp
+
+    orig = _interp._patch_lang_tensor
+    if getattr(orig, "_longkit_fixed", False):
+        return
+
+    def patched(tensor, scope):  # noqa: ANN001, ANN202 - mirrors the private signature
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._longkit_fixed = True  # type: ignore[attr-defined]
+    _interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _fix_interpreter_index()
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _qmeta(MQ, base, idx, Tq, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """Per-query (doc start, hidden start, hidden end) for row index ``idx`` (scalar or vector)."""
+    if HAS_DOCS:
+        lo = tl.load(MQ + base + idx)
+    else:
+        lo = idx * 0
+    if HAS_PREFIX:
+        hlo = tl.load(MQ + base + Tq + idx)
+        hhi = tl.load(MQ + base + 2 * Tq + idx)
+    else:
+        hlo = idx * 0
+        hhi = idx * 0
+    return lo, hlo, hhi
+
+
+@triton.jit
+def _visible(pos, offs_n, lo, hlo, hhi, n_global, n_local,
+             HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """Elementwise visibility; ``pos``/``lo``/``hlo``/``hhi`` and ``offs_n`` broadcast to a tile."""
+    vis = offs_n <= pos
+    if HAS_DOCS:
+        vis = vis & (offs_n >= lo)
+    if HAS_WINDOW:
+        vis = vis & (((pos - offs_n) < n_local) | (offs_n < lo + n_global))
+    if HAS_PREFIX:
+        vis = vis & ((offs_n < hlo) | (offs_n >= hhi))
+    return vis
+
+
+@triton.jit
+def _block_full(p0, p1, j0, j1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, n_global, n_local,
+                HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """1 if every (query in [p0, p1], key in [j0, j1]) pair is visible, else 0 (int32 scalar)."""
+    full = (j1 <= p0).to(tl.int32)
+    if HAS_DOCS:
+        full = full & (j0 >= lo1).to(tl.int32)
+    if HAS_WINDOW:
+        full = full & (((p1 - j0) < n_local) | (j1 < lo0 + n_global)).to(tl.int32)
+    if HAS_PREFIX:
+        same = (hlo0 == hlo1) & (hhi0 == hhi1) & (lo0 == lo1)
+        full = full & (same & ((j1 < hlo0) | (j0 >= hhi0))).to(tl.int32)
+    return full
+
+
+@triton.jit
+def _sel(c, a, b):
+    """Scalar select ``a if c else b`` (branch-free, interpreter-safe: no 1-element tensors)."""
+    return b + c.to(tl.int32) * (a - b)
+
+
+@triton.jit
+def _kv_schedule(p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, n_global, n_local,
+                 BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                 HAS_PREFIX: tl.constexpr):
+    """kv blocks for queries [p0, p1]: ``[start, end)`` minus sorted disjoint gaps A and B."""
+    start = lo0 // BLOCK_N
+    end = (p1 + BLOCK_N) // BLOCK_N
+    ga0 = end
+    ga1 = end
+    gb0 = end
+    gb1 = end
+    if HAS_WINDOW:
+        a0 = tl.maximum((lo1 + n_global + BLOCK_N - 1) // BLOCK_N, start)
+        a1 = tl.minimum(tl.maximum(p0 - n_local + 1, 0) // BLOCK_N, end)
+        ga0 = _sel(a1 > a0, a0, end)
+        ga1 = _sel(a1 > a0, a1, end)
+    if HAS_PREFIX:
+        same = (hlo0 == hlo1) & (hhi0 == hhi1) & (hhi0 > hlo0)
+        b0 = tl.maximum((hlo0 + BLOCK_N - 1) // BLOCK_N, start)
+        b1 = tl.minimum(hhi0 // BLOCK_N, end)
+        ok = same & (b1 > b0)
+        gb0 = _sel(ok, b0, end)
+        gb1 = _sel(ok, b1, end)
+        # merge overlapping gaps into A, then sort so that A comes first
+        both = (ga1 > ga0) & (gb1 > gb0)
+        overlap = both & (ga0 <= gb1) & (gb0 <= ga1)
+        m0 = tl.minimum(ga0, gb0)
+        m1 = tl.maximum(ga1, gb1)
+        ga0 = _sel(overlap, m0, ga0)
+        ga1 = _sel(overlap, m1, ga1)
+        gb0 = _sel(overlap, end, gb0)
+        gb1 = _sel(overlap, end, gb1)
+        swap = gb0 < ga0
+        t0 = _sel(swap, gb0, ga0)
+        t1 = _sel(swap, gb1, ga1)
+        gb0 = _sel(swap, ga0, gb0)
+        gb1 = _sel(swap, ga1, gb1)
+        ga0 = t0
+        ga1 = t1
+    return start, end, ga0, ga1 - ga0, gb0, gb1 - gb0
+
+
+@triton.jit
+def _iters_before(x, start, end, ga0, gal, gb0, gbl):
+    """Number of scheduled kv blocks (``[start, end)`` minus the two gaps) below block ``x``."""
+    xc = tl.minimum(tl.maximum(x, start), end)
+    n = xc - start
+    n -= tl.maximum(tl.minimum(xc, ga0 + gal) - ga0, 0)
+    n -= tl.maximum(tl.minimum(xc, gb0 + gbl) - gb0, 0)
+    return n
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
+               lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
+               sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi,
+               BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+               HAS_PREFIX: tl.constexpr, GLOBAL: tl.constexpr, MODE: tl.constexpr):
+    """Online-softmax over scheduled kv iterations ``[it_lo, it_hi)``.
+
+    ``MODE`` 0: apply the elementwise mask on every block; 1: blocks known fully visible (no mask, except a
+    run-time check for shared-prefix holes). ``GLOBAL``: score sink pairs outside the window with q_global.
+    """
+    for it in range(it_lo, it_hi):
+        blk = start + it
+        blk = _sel(blk >= ga0, blk + gal, blk)
+        blk = _sel(blk >= gb0, blk + gbl, blk)
+        start_n = blk * BLOCK_N
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Tk
+        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * s_kt + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vt + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt) * sm_scale_log2
+        if GLOBAL:
+            need_g = ((start_n < n_global) & ((p1 - start_n) >= n_local)).to(tl.int32)
+            if need_g != 0:
+                kgt = tl.load(kg_base + offs_n[None, :].to(tl.int64) * s_kgt + offs_d[:, None],
+                              mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
+                sg = tl.dot(qg, kgt) * sm_scale_log2
+                is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
+                s = tl.where(is_g, sg, s)
+        if MODE == 0:
+            vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            s = tl.where(vis, s, float("-inf"))
+        elif HAS_PREFIX:
+            full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            if full == 0:
+                vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+                s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MODE == 0 or HAS_PREFIX:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local"])
+def _fwd_kernel(
+    Q, K, V, QG, KG, Out, LSE, MQ,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+    s_gb, s_gh, s_gt, s_kgb, s_kgh, s_kgt, s_ob, s_oh, s_ot, s_mb,
+    Hq, GROUP, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
+):
+    pid_m = (Tq + BLOCK_M - 1) // BLOCK_M - 1 - tl.program_id(0)  # heavy (late) query blocks first
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    last = tl.minimum(start_m + BLOCK_M, Tq) - 1
+    p0 = q_offset + start_m
+    p1 = q_offset + last
+    pos = q_offset + offs_m
+    mbase = b * s_mb
+    rows_c = tl.minimum(offs_m, Tq - 1)
+    lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, rows_c, Tq, HAS_DOCS, HAS_PREFIX)
+    lo0, hlo0, hhi0 = _qmeta(MQ, mbase, start_m, Tq, HAS_DOCS, HAS_PREFIX)
+    lo1, hlo1, hhi1 = _qmeta(MQ, mbase, last, Tq, HAS_DOCS, HAS_PREFIX)
+
+    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if USE_GLOBAL:
+        qg = tl.load(QG + b * s_gb + h * s_gh + offs_m[:, None].to(tl.int64) * s_gt + offs_d[None, :],
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if not USE_GLOBAL:
+        qg = q
+    kg_base = KG + b * s_kgb + hk * s_kgh
+
+    start, end, ga0, gal, gb0, gbl = _kv_schedule(
+        p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, n_global, n_local,
+        BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+    n_iter = end - start - gal - gbl
+    # three loops: partially visible head blocks (sinks, window edge, document start), fully visible
+    # middle blocks without any mask arithmetic, partially visible diagonal blocks
+    head_blk = start * 0
+    if HAS_WINDOW:
+        head_blk = tl.maximum(head_blk, _sel(p1 >= n_local, (p1 - n_local) // BLOCK_N + 1, 0))
+    if HAS_DOCS:
+        head_blk = tl.maximum(head_blk, (lo1 + BLOCK_N - 1) // BLOCK_N)
+    n_head = _iters_before(head_blk, start, end, ga0, gal, gb0, gbl)
+    n_tail = tl.maximum(n_head, _iters_before((p0 + 1) // BLOCK_N, start, end, ga0, gal, gb0, gbl))
+    if not FAST_PATH:
+        n_head = n_iter
+        n_tail = n_iter
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
+        lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+        start, ga0, gal, gb0, gbl, 0, n_head,
+        BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL, 0)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
+        lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+        start, ga0, gal, gb0, gbl, n_head, n_tail,
+        BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 1)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
+        lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+        start, ga0, gal, gb0, gbl, n_tail, n_iter,
+        BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ot + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit(do_not_specialize=["Tq"])
+def _bwd_preprocess_kernel(Out, DO, DLSE, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, Hq, Tq,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HAS_DLSE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_ot + offs_d[None, :],
+                mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None].to(tl.int64) * s_dt + offs_d[None, :],
+                 mask=msk, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row = (b * Hq + h) * Tq + offs_m
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + row, mask=offs_m < Tq, other=0.0)
+    tl.store(DELTA + row, delta, mask=offs_m < Tq)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local"])
+def _bwd_dq_kernel(
+    Q, K, V, QG, KG, DO, LSE, DELTA, DQ, DQG, MQ,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+    s_gb, s_gh, s_gt, s_kgb, s_kgh, s_kgt, s_db, s_dh, s_dt, s_mb,
+    Hq, GROUP, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
+):
+    """dq (and dq_global), same layout as q; DQ/DQG are contiguous [B, Hq, Tq, D]."""
+    pid_m = (Tq + BLOCK_M - 1) // BLOCK_M - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    last = tl.minimum(start_m + BLOCK_M, Tq) - 1
+    p0 = q_offset + start_m
+    p1 = q_offset + last
+    pos = q_offset + offs_m
+    mbase = b * s_mb
+    rows_c = tl.minimum(offs_m, Tq - 1)
+    lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, rows_c, Tq, HAS_DOCS, HAS_PREFIX)
+    lo0, hlo0, hhi0 = _qmeta(MQ, mbase, start_m, Tq, HAS_DOCS, HAS_PREFIX)
+    lo1, hlo1, hhi1 = _qmeta(MQ, mbase, last, Tq, HAS_DOCS, HAS_PREFIX)
+
+    qd_msk = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qt + offs_d[None, :],
+                mask=qd_msk, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None].to(tl.int64) * s_dt + offs_d[None, :],
+                 mask=qd_msk, other=0.0)
+    row = (b * Hq + h) * Tq + offs_m
+    lse = tl.load(LSE + row, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    if USE_GLOBAL:
+        qg = tl.load(QG + b * s_gb + h * s_gh + offs_m[:, None].to(tl.int64) * s_gt + offs_d[None, :],
+                     mask=qd_msk, other=0.0)
+        dqg = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    start, end, ga0, gal, gb0, gbl = _kv_schedule(
+        p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, n_global, n_local,
+        BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+    n_iter = end - start - gal - gbl
+    # distance limit: the few sink blocks that need q_global.k_global are peeled into a first phase so
+    # that the main loop carries no extra dot product or branch (keeps it software-pipelined)
+    n_pre = n_iter * 0
+    if USE_GLOBAL:
+        n_pre = tl.minimum((n_global + BLOCK_N - 1) // BLOCK_N, n_iter) * (p1 >= n_local).to(tl.int32)
+    for phase in tl.static_range(2 if USE_GLOBAL else 1):
+        it_lo = n_pre * phase
+        it_hi = n_iter + (n_pre - n_iter) * ((1 - phase) * USE_GLOBAL)
+        for it in range(it_lo, it_hi):
+            blk = start + it
+            blk = _sel(blk >= ga0, blk + gal, blk)
+            blk = _sel(blk >= gb0, blk + gbl, blk)
+            start_n = blk * BLOCK_N
+            offs_n = start_n + offs_n0
+            n_ok = offs_n < Tk
+            kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * s_kt + offs_d[:, None],
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * s_vt + offs_d[:, None],
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kt) * sm_scale_log2
+            full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            if USE_GLOBAL and (phase == 0 or HAS_PREFIX):
+                need_g = ((start_n < n_global) & ((p1 - start_n) >= n_local)).to(tl.int32)
+                full = full & (1 - need_g)
+                if need_g != 0:
+                    kgt = tl.load(KG + b * s_kgb + hk * s_kgh + offs_n[None, :].to(tl.int64) * s_kgt
+                                  + offs_d[:, None], mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
+                    sg = tl.dot(qg, kgt) * sm_scale_log2
+                    is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
+                    s = tl.where(is_g, sg, s)
+            if FAST_PATH:
+                need_mask = full == 0
+            else:
+                need_mask = full >= 0
+            if need_mask:
+                vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+                s = tl.where(vis, s, float("-inf"))
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, vt)
+            ds = p * (dp - delta[:, None])
+            if USE_GLOBAL and (phase == 0 or HAS_PREFIX):
+                if need_g != 0:
+                    kgt = tl.load(KG + b * s_kgb + hk * s_kgh + offs_n[None, :].to(tl.int64) * s_kgt
+                                  + offs_d[:, None], mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
+                    is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
+                    dsg = tl.where(is_g, ds, 0.0)
+                    ds = ds - dsg
+                    dqg += tl.dot(dsg.to(kgt.dtype), tl.trans(kgt))
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+
+    tl.store(DQ + (b * Hq + h) * Tq * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_msk)
+    if USE_GLOBAL:
+        tl.store(DQG + (b * Hq + h) * Tq * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM
+                 + offs_d[None, :], (dqg * sm_scale).to(DQG.dtype.element_ty), mask=qd_msk)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local"])
+def _bwd_dkdv_kernel(
+    Q, K, V, QG, KG, DO, LSE, DELTA, DK, DV, DKG, MQ, MK,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+    s_gb, s_gh, s_gt, s_kgb, s_kgh, s_kgt, s_db, s_dh, s_dt, s_mb, s_mkb,
+    Hq, Hkv, GROUP, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
+):
+    """dk, dv (and dk_global) per kv block, looping over the query heads of the GQA group."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    hk = (bh % Hkv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < Tk
+    d_ok = offs_d < HEAD_DIM
+    kd_msk = n_ok[:, None] & d_ok[None, :]
+    j0 = start_n
+    j1 = start_n + BLOCK_N - 1
+    j1c = tl.minimum(j1, Tk - 1)
+    k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None].to(tl.int64) * s_kt + offs_d[None, :],
+                mask=kd_msk, other=0.0)
+    v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None].to(tl.int64) * s_vt + offs_d[None, :],
+                mask=kd_msk, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if USE_GLOBAL:
+        kg = tl.load(KG + b * s_kgb + hk * s_kgh + offs_n[:, None].to(tl.int64) * s_kgt + offs_d[None, :],
+                     mask=(offs_n[:, None] < n_global) & d_ok[None, :], other=0.0)
+        dkg = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # query positions that can see this kv block: [p_lo, p_hi)
+    mkbase = b * s_mkb
+    if HAS_DOCS:
+        ds0 = tl.load(MK + mkbase + j0)
+        ds1 = tl.load(MK + mkbase + j1c)
+        p_hi = tl.load(MK + mkbase + Tk + j1c)
+    else:
+        ds0 = 0
+        ds1 = 0
+        p_hi = Tk
+    if HAS_WINDOW:
+        has_sink = (j0 - ds0 < n_global) | ((ds1 > j0) & (n_global > 0))
+        p_hi = _sel(has_sink, p_hi, tl.minimum(p_hi, j1 + n_local))
+    if HAS_PREFIX:
+        kcs = tl.load(MK + mkbase + 2 * Tk + j0)
+        krs = tl.load(MK + mkbase + 3 * Tk + j0)
+        inside = (ds0 == ds1) & (j0 >= kcs) & (j1c < krs)
+        p_hi = _sel(inside, tl.minimum(p_hi, krs), p_hi)
+    row_lo = tl.maximum(j0 - q_offset, 0)
+    row_hi = tl.minimum(p_hi - q_offset, Tq)
+    m_start = row_lo // BLOCK_M
+    m_end = (row_hi + BLOCK_M - 1) // BLOCK_M
+    if USE_GLOBAL:
+        need_g_blk = j0 < n_global
+    mbase = b * s_mb
+
+    for phase in tl.static_range(2 if USE_GLOBAL else 1):
+        # distance limit: the sink kv blocks run the q_global/k_global variant, all others the plain one
+        if USE_GLOBAL:
+            if phase == 0:
+                run = need_g_blk
+            else:
+                run = j0 >= n_global
+            m_hi = _sel(run, m_end, m_start)
+        else:
+            m_hi = m_end
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            q_base = Q + b * s_qb + h * s_qh
+            do_base = DO + b * s_db + h * s_dh
+            row_base = (b * Hq + h) * Tq
+            for mb in range(m_start, m_hi):
+                start_m = mb * BLOCK_M
+                offs_m = start_m + offs_m0
+                row_ok = offs_m < Tq
+                last = tl.minimum(start_m + BLOCK_M, Tq) - 1
+                p0 = q_offset + start_m
+                p1 = q_offset + last
+                pos = q_offset + offs_m
+                qd_msk = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_qt + offs_d[None, :], mask=qd_msk, other=0.0)
+                do = tl.load(do_base + offs_m[:, None].to(tl.int64) * s_dt + offs_d[None, :], mask=qd_msk,
+                             other=0.0)
+                lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+                st = tl.dot(k, tl.trans(q)) * sm_scale_log2  # [BLOCK_N, BLOCK_M]
+                lo0, hlo0, hhi0 = _qmeta(MQ, mbase, start_m, Tq, HAS_DOCS, HAS_PREFIX)
+                lo1, hlo1, hhi1 = _qmeta(MQ, mbase, last, Tq, HAS_DOCS, HAS_PREFIX)
+                full = _block_full(p0, p1, j0, j1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
+                                   n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+                if USE_GLOBAL and phase == 0:
+                    need_g = (need_g_blk & ((p1 - j0) >= n_local)).to(tl.int32)
+                    full = full & (1 - need_g)
+                    if need_g != 0:
+                        qg = tl.load(QG + b * s_gb + h * s_gh + offs_m[:, None].to(tl.int64) * s_gt
+                                     + offs_d[None, :], mask=qd_msk, other=0.0)
+                        sgt = tl.dot(kg, tl.trans(qg)) * sm_scale_log2
+                        is_g = ((pos[None, :] - offs_n[:, None]) >= n_local) & (offs_n[:, None] < n_global)
+                        st = tl.where(is_g, sgt, st)
+                if FAST_PATH:
+                    need_mask = full == 0
+                else:
+                    need_mask = full >= 0
+                if need_mask:
+                    rows_c = tl.minimum(offs_m, Tq - 1)
+                    lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, rows_c, Tq, HAS_DOCS, HAS_PREFIX)
+                    vis = _visible(pos[None, :], offs_n[:, None], lo_r[None, :], hlo_r[None, :], hhi_r[None, :],
+                                   n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+                    st = tl.where(vis, st, float("-inf"))
+                pt = tl.math.exp2(st - lse[None, :])
+                dv += tl.dot(pt.to(do.dtype), do)
+                dpt = tl.dot(v, tl.trans(do))
+                dst = pt * (dpt - delta[None, :])
+                if USE_GLOBAL and phase == 0:
+                    if need_g != 0:
+                        qg = tl.load(QG + b * s_gb + h * s_gh + offs_m[:, None].to(tl.int64) * s_gt
+                                     + offs_d[None, :], mask=qd_msk, other=0.0)
+                        is_g = ((pos[None, :] - offs_n[:, None]) >= n_local) & (offs_n[:, None] < n_global)
+                        dsgt = tl.where(is_g, dst, 0.0)
+                        dst = dst - dsgt
+                        dkg += tl.dot(dsgt.to(qg.dtype), qg)
+                dk += tl.dot(dst.to(q.dtype), q)
+
+    out_base = (b * Hkv + hk) * Tk * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_base, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_msk)
+    tl.store(DV + out_base, dv.to(DV.dtype.element_ty), mask=kd_msk)
+    if USE_GLOBAL:
+        g_base = (b * Hkv + hk) * n_global * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        tl.store(DKG + g_base, (dkg * sm_scale).to(DKG.dtype.element_ty),
+                 mask=(offs_n[:, None] < n_global) & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- host side
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fwd_config(head_dim: int) -> dict[str, int]:
+    if _interpreting():
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    env = os.environ.get("LONGKIT_ATTN_FWD_CONFIG")  # "BM,BN,warps,stages" (tuning only)
+    if env:
+        bm, bn, w, s = (int(x) for x in env.split(","))
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+    if head_dim <= 64:  # H100 sweep (causal, T=16k): 401 TFLOP/s vs 389 for 4 warps / 3 stages
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _bwd_config(head_dim: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(dkdv config, dq config)."""
+    if _interpreting():
+        c = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        return c, c
+    env = os.environ.get("LONGKIT_ATTN_BWD_CONFIG")  # "BM,BN,warps,stages;BM,BN,warps,stages"
+    if env:
+        a, b = env.split(";")
+        ka = [int(x) for x in a.split(",")]
+        kb = [int(x) for x in b.split(",")]
+        return ({"BLOCK_M": ka[0], "BLOCK_N": ka[1], "num_warps": ka[2], "num_stages": ka[3]},
+                {"BLOCK_M": kb[0], "BLOCK_N": kb[1], "num_warps": kb[2], "num_stages": kb[3]})
+    if head_dim <= 64:
+        return ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2})
+    if head_dim <= 128:
+        return ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2})
+    c = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return c, c
+
+
+def build_mask_tables(
+    batch: int, tq: int, tk: int, q_offset: int, cu_seqlens: torch.Tensor | None,
+    segments: torch.Tensor | None, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int32 tables read by the kernels (no host sync).
+
+    Returns:
+        ``meta_q [Bm, 3, Tq]`` (doc start, hidden start, hidden end per query) and ``meta_k [Bm, 4, Tk]``
+        (doc start, doc end, chosen start, rejected start per key); ``Bm`` is ``B`` for per-row shared
+        prefix segments and 1 otherwise. Dummy 1-element tensors when neither documents nor segments.
+    """
+    if cu_seqlens is None and segments is None:
+        z = torch.zeros(1, dtype=torch.int32, device=device)
+        return z, z
+    t = torch.arange(tk, device=device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        doc = torch.bucketize(t, cu[1:], right=True).clamp_max(cu.numel() - 2)
+        dstart, dend = cu[doc], cu[doc + 1]
+    else:
+        doc = None
+        dstart, dend = torch.zeros_like(t), torch.full_like(t, tk)
+    if segments is not None:
+        seg = segments.to(device=device, dtype=torch.long)
+        if doc is not None:
+            cs, rs = (seg[doc, 0] + dstart)[None], (seg[doc, 1] + dstart)[None]
+        else:
+            cs = seg[:, 0:1].expand(batch, tk)
+            rs = seg[:, 1:2].expand(batch, tk)
+    else:
+        cs = rs = torch.zeros_like(t)[None]
+    bm = cs.shape[0]
+    meta_k = torch.stack([dstart[None].expand(bm, tk), dend[None].expand(bm, tk), cs, rs], dim=1)
+    p = torch.arange(tq, device=device) + q_offset
+    hidden = p[None] >= rs[:, p]
+    meta_q = torch.stack([
+        dstart[p][None].expand(bm, tq),
+        torch.where(hidden, cs[:, p], 0),
+        torch.where(hidden, rs[:, p], 0),
+    ], dim=1)
+    return meta_q.to(torch.int32).contiguous(), meta_k.to(torch.int32).contiguous()
+
+
+def _flags(n_local: int, cu_seqlens: torch.Tensor | None, segments: torch.Tensor | None,
+           q_global: torch.Tensor | None) -> dict[str, bool]:
+    return {"HAS_WINDOW": n_local > 0, "HAS_DOCS": cu_seqlens is not None,
+            "HAS_PREFIX": segments is not None, "USE_GLOBAL": q_global is not None}
+
+
+def _fast_path() -> bool:
+    return os.environ.get("LONGKIT_ATTN_FAST_PATH", "1") != "0"
+
+
+def _last_dim_contig(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else (t if t.stride(-1) == 1 else t.contiguous()) for t in ts]
+
+
+def flash_masked_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_global: torch.Tensor | None,
+    k_global: torch.Tensor | None, cu_seqlens: torch.Tensor | None, segments: torch.Tensor | None,
+    q_offset: int, n_global: int, n_local: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. ``n_local <= 0`` means no window. Returns ``(out, lse)``.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; q_global ``[B, Hq, Tq, D]`` and k_global
+            ``[B, Hkv, n_global, D]`` or None. Inputs are trusted (validated by the public function).
+
+    Returns:
+        ``out [B, Hq, Tq, D]`` (q.dtype, contiguous) and ``lse [B, Hq, Tq]`` (fp32, natural log).
+    """
+    q, k, v, q_global, k_global = _last_dim_contig(q, k, v, q_global, k_global)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    out = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    if Tq == 0:
+        return out, lse
+    meta_q, _ = build_mask_tables(B, Tq, Tk, q_offset, cu_seqlens, segments, q.device)
+    s_mb = meta_q.stride(0) if meta_q.dim() == 3 and meta_q.shape[0] > 1 else 0
+    qg = q_global if q_global is not None else q
+    kg = k_global if k_global is not None else k
+    cfg = _fwd_config(D)
+    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
+    _fwd_kernel[grid](
+        q, k, v, qg, kg, out, lse, meta_q,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), qg.stride(0), qg.stride(1), qg.stride(2),
+        kg.stride(0), kg.stride(1), kg.stride(2), out.stride(0), out.stride(1), out.stride(2), s_mb,
+        Hq, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        FAST_PATH=_fast_path(), **_flags(n_local, cu_seqlens, segments, q_global), **cfg,
+    )
+    return out, lse
+
+
+def flash_masked_attention_bwd(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q_global: torch.Tensor | None,
+    k_global: torch.Tensor | None, cu_seqlens: torch.Tensor | None, segments: torch.Tensor | None,
+    q_offset: int, n_global: int, n_local: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Deterministic backward. Returns ``(dq, dk, dv, dq_global, dk_global)`` (the last two None
+    without the distance limit); gradients in the input dtypes, contiguous."""
+    q, k, v, q_global, k_global, grad_out = _last_dim_contig(q, k, v, q_global, k_global, grad_out)
+    if grad_lse is not None:
+        grad_lse = grad_lse.float().contiguous()
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    dq = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, Hkv, Tk, D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, Hkv, Tk, D, dtype=v.dtype, device=q.device)
+    dqg = torch.empty_like(dq) if q_global is not None else None
+    dkg = torch.zeros(k_global.shape, dtype=k_global.dtype, device=q.device) if k_global is not None else None
+    if Tq == 0:
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv, dqg, dkg
+    meta_q, meta_k = build_mask_tables(B, Tq, Tk, q_offset, cu_seqlens, segments, q.device)
+    s_mb = meta_q.stride(0) if meta_q.dim() == 3 and meta_q.shape[0] > 1 else 0
+    s_mkb = meta_k.stride(0) if meta_k.dim() == 3 and meta_k.shape[0] > 1 else 0
+    block_d = max(16, triton.next_power_of_2(D))
+    delta = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    pre_bm = 64
+    _bwd_preprocess_kernel[(triton.cdiv(Tq, pre_bm), B * Hq)](
+        out, grad_out, grad_lse if grad_lse is not None else delta, delta,
+        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1),
+        grad_out.stride(2), Hq, Tq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm,
+        HAS_DLSE=grad_lse is not None,
+    )
+    qg = q_global if q_global is not None else q
+    kg = k_global if k_global is not None else k
+    flags = _flags(n_local, cu_seqlens, segments, q_global)
+    cfg_kv, cfg_q = _bwd_config(D)
+    common_strides = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), qg.stride(0), qg.stride(1), qg.stride(2),
+        kg.stride(0), kg.stride(1), kg.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+    )
+    _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg_kv["BLOCK_N"]), B * Hkv)](
+        q, k, v, qg, kg, grad_out, lse, delta, dk, dv, dkg if dkg is not None else dk, meta_q, meta_k,
+        *common_strides, s_mb, s_mkb,
+        Hq, Hkv, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
+        HEAD_DIM=D, BLOCK_D=block_d, FAST_PATH=_fast_path(), **flags, **cfg_kv,
+    )
+    _bwd_dq_kernel[(triton.cdiv(Tq, cfg_q["BLOCK_M"]), B * Hq)](
+        q, k, v, qg, kg, grad_out, lse, delta, dq, dqg if dqg is not None else dq, meta_q,
+        *common_strides, s_mb,
+        Hq, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
+        HEAD_DIM=D, BLOCK_D=block_d, FAST_PATH=_fast_path(), **flags, **cfg_q,
+    )
+    return dq, dk, dv, dqg, dkg
+
+
+def default_scale(head_dim: int) -> float:
+    """``1 / sqrt(head_dim)``."""
+    return 1.0 / math.sqrt(head_dim)

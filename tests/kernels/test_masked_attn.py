@@ -1,0 +1,324 @@
+"""masked_attention: naive reference vs dense formula, Triton (interpreter on CPU, GPU tier) vs naive."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longkit.kernels import (
+    AttentionMask,
+    causal,
+    documents,
+    masked_attention,
+    naive_masked_attention,
+    shared_prefix,
+    sink_window,
+)
+from longkit.kernels.testing import assert_close
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import importlib.util
+
+    HAS_TRITON = importlib.util.find_spec("triton") is not None
+except Exception:  # noqa: BLE001
+    HAS_TRITON = False
+
+needs_interpreter = pytest.mark.skipif(
+    not (INTERPRET and HAS_TRITON), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter tier)")
+
+
+@dataclass
+class Case:
+    name: str
+    mask: AttentionMask
+    B: int = 1
+    Hq: int = 2
+    Hkv: int = 1
+    Tq: int = 37
+    Tk: int = 37
+    D: int = 16
+    use_global: bool = False
+    dtype: torch.dtype = torch.float32
+    extra: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        g = "-qglobal" if self.use_global else ""
+        return f"{self.name}-B{self.B}-Tq{self.Tq}-Tk{self.Tk}-H{self.Hq}x{self.Hkv}-D{self.D}{g}-{dt}"
+
+
+CU = torch.tensor([0, 5, 5, 6, 30, 60])  # an empty and a one-token document
+CASES = [
+    Case("causal", causal(), Tq=1, Tk=1),
+    Case("causal", causal(), Tq=17, Tk=17),
+    Case("causal", causal(), Tq=63, Tk=63, D=24),
+    Case("causal", causal(), B=2, Hq=4, Hkv=2, Tq=100, Tk=100, D=32),
+    Case("causal_offset", causal(q_offset=46), Tq=17, Tk=63),
+    Case("causal_mqa", causal(), Hq=4, Hkv=1, Tq=40, Tk=40),
+    Case("causal_fp16", causal(), Tq=50, Tk=50, D=32, dtype=torch.float16),
+    Case("sink_window", sink_window(4, 16), Tq=63, Tk=63),
+    Case("window_nosink", sink_window(0, 20), Tq=50, Tk=50),
+    Case("sink_window_offset", sink_window(3, 10, q_offset=50), Tq=20, Tk=70),
+    Case("sink_window", sink_window(4, 16), Hq=4, Hkv=2, Tq=63, Tk=63, use_global=True),
+    Case("sink_window_offset", sink_window(20, 9, q_offset=40), Tq=30, Tk=70, use_global=True),
+    Case("documents", documents(CU), Tq=60, Tk=60),
+    Case("documents_sink", documents(CU) & sink_window(2, 7), Tq=60, Tk=60),
+    Case("shared_prefix_rows", shared_prefix(torch.tensor([[10, 25], [5, 30]])), B=2, Tq=45, Tk=45),
+    Case("docs_shared_prefix", documents(CU) & shared_prefix(torch.tensor([[1, 3], [0, 0], [0, 1], [8, 15], [4, 12]])),
+         Tq=60, Tk=60, D=24),
+    Case("docs_prefix_sink", documents(CU) & shared_prefix(torch.tensor([[1, 3], [0, 0], [0, 1], [8, 15], [4, 12]]))
+         & sink_window(1, 9), Tq=60, Tk=60),
+]
+
+
+def _inputs(c: Case, device: str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=c.dtype)
+
+    t = {"q": r(c.B, c.Hq, c.Tq, c.D), "k": r(c.B, c.Hkv, c.Tk, c.D), "v": r(c.B, c.Hkv, c.Tk, c.D)}
+    if c.use_global:
+        t["q_global"] = r(c.B, c.Hq, c.Tq, c.D)
+        t["k_global"] = r(c.B, c.Hkv, c.mask.n_global, c.D)
+    return t
+
+
+def _run(fn, inputs: dict[str, torch.Tensor], mask: AttentionMask, grad_out: torch.Tensor,  # noqa: ANN001
+         cast: torch.dtype | None = None, **kw) -> dict[str, torch.Tensor]:
+    leaves = {n: (t.to(cast) if cast else t).detach().clone().requires_grad_(True) for n, t in inputs.items()}
+    out, lse = fn(**leaves, mask=mask, **kw)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+    res = {"out": out.detach()}
+    if lse is not None:
+        res["lse"] = lse.detach()
+    res.update({f"d{n}": g_ for n, g_ in zip(leaves, grads)})
+    return res
+
+
+def _triton(**kw):  # noqa: ANN003, ANN202
+    return masked_attention(**kw, impl="triton", return_lse=True)
+
+
+def _compare(c: Case, device: str = "cpu") -> None:
+    inputs = _inputs(c, device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    grad_out = torch.randn(c.B, c.Hq, c.Tq, c.D, generator=gen).to(device)
+    ref = _run(naive_masked_attention, inputs, c.mask, grad_out, cast=torch.float64)
+    low = _run(naive_masked_attention, inputs, c.mask, grad_out)
+    tri = _run(_triton, inputs, c.mask, grad_out)
+    floor = 1e-4 if c.dtype == torch.float32 else 2e-3
+    for name in ref:
+        assert tri[name].dtype == (torch.float32 if name == "lse" else c.dtype), name
+        assert_close(name, ref[name], tri[name], lowprec_ref=low[name], atol_floor=floor)
+
+
+# ----------------------------------------------------------------------------- reference sanity
+def _dense_formula(q, k, v, mask: AttentionMask) -> torch.Tensor:  # noqa: ANN001
+    B, Hq, Tq, D = q.shape
+    g = Hq // k.shape[1]
+    vis = mask.dense(B, Tq, k.shape[2])
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=vis)
+
+
+@pytest.mark.parametrize("c", [c for c in CASES if not c.use_global and c.Tq > 1], ids=str)
+def test_naive_matches_sdpa_formula(c: Case) -> None:
+    t = {n: x.double() for n, x in _inputs(c).items()}
+    out, lse = naive_masked_attention(t["q"], t["k"], t["v"], mask=c.mask)
+    torch.testing.assert_close(out, _dense_formula(t["q"], t["k"], t["v"], c.mask))
+    assert torch.isfinite(lse).all()
+
+
+def test_naive_global_equals_plain_when_global_is_same() -> None:
+    c = CASES[10]
+    t = {n: x.double() for n, x in _inputs(c).items()}
+    a, la = naive_masked_attention(t["q"], t["k"], t["v"], mask=c.mask)
+    b, lb = naive_masked_attention(t["q"], t["k"], t["v"], mask=c.mask, q_global=t["q"],
+                                   k_global=t["k"][:, :, : c.mask.n_global])
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(la, lb)
+
+
+# ----------------------------------------------------------------------------- Triton vs naive (interpreter)
+@needs_interpreter
+@pytest.mark.parametrize("c", CASES, ids=str)
+def test_triton_matches_naive(c: Case) -> None:
+    _compare(c)
+
+
+@needs_interpreter
+def test_triton_strided_views_and_lse_grad() -> None:
+    """transformers-style [B, T, H, D] -> [B, H, T, D] transposed views; the loss also uses lse."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 33, 4, 16, generator=g).transpose(1, 2)
+    k = torch.randn(1, 33, 2, 16, generator=g).transpose(1, 2)
+    v = torch.randn(1, 33, 2, 16, generator=g).transpose(1, 2)
+    mask = sink_window(2, 8)
+    res = []
+    for impl in ("triton", "naive"):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        out, lse = masked_attention(*leaves, mask=mask, impl=impl, return_lse=True)
+        loss = (out * torch.arange(16.0)).sum() + (lse * torch.linspace(-1, 1, 33)).sum()
+        res.append([out, lse, *torch.autograd.grad(loss, leaves)])
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], *res):
+        assert_close(name, b, a, atol_floor=1e-4)
+
+
+@needs_interpreter
+def test_opcheck() -> None:
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 20, 16, generator=g, requires_grad=True)
+    k = torch.randn(1, 1, 20, 16, generator=g, requires_grad=True)
+    v = torch.randn(1, 1, 20, 16, generator=g, requires_grad=True)
+    qg = torch.randn(1, 2, 20, 16, generator=g, requires_grad=True)
+    kg = torch.randn(1, 1, 2, 16, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.longkit.masked_attention_fwd.default,
+                          (q, k, v, qg, kg, None, None, 0, 2, 5, 0.25))
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    seg = torch.tensor([[2, 4], [3, 6]], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.longkit.masked_attention_fwd.default,
+                          (q, k, v, None, None, cu, seg, 0, 0, 0, 0.25))
+
+
+# ----------------------------------------------------------------------------- dispatch and validation
+def test_auto_dispatch_cpu_is_naive_and_explicit_triton_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    from longkit.kernels._dispatch import select_impl
+
+    cpu = torch.device("cpu")
+    assert select_impl(None, cpu, "op") == "naive"
+    assert select_impl("naive", cpu, "op") == "naive"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        select_impl("triton", cpu, "op")
+    monkeypatch.setenv("LONGKIT_KERNEL_IMPL", "triton")
+    with pytest.raises(RuntimeError, match="LONGKIT_KERNEL_IMPL='triton'"):
+        select_impl(None, cpu, "op")
+    monkeypatch.setenv("LONGKIT_KERNEL_IMPL", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        select_impl(None, cpu, "op")
+    monkeypatch.setattr("longkit.kernels._dispatch.triton_available", lambda: False)
+    monkeypatch.setenv("LONGKIT_KERNEL_IMPL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="not installed"):
+        select_impl(None, cpu, "op")
+
+
+def test_validation_messages_quote_values() -> None:
+    q, k = torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="Hq=3, Hkv=2"):
+        masked_attention(q, k, k, mask=causal())
+    with pytest.raises(ValueError, match="rank-4"):
+        masked_attention(q[0], k, k, mask=causal())
+    with pytest.raises(ValueError, match="<= 256, got 300"):
+        x = torch.randn(1, 1, 4, 300)
+        masked_attention(x, x, x, mask=causal())
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="n_global > 0"):
+        masked_attention(q, k, k, mask=causal(), q_global=q, k_global=k[:, :, :2])
+    with pytest.raises(ValueError, match=r"\(1, 1, 2, 16\)"):
+        masked_attention(q, k, k, mask=sink_window(2, 4), q_global=q, k_global=k[:, :, :3])
+    with pytest.raises(NotImplementedError):
+        m = documents(torch.tensor([0, 4, 8])) & sink_window(2, 4)
+        masked_attention(q, k, k, mask=m, q_global=q, k_global=k[:, :, :2])
+    with pytest.raises(ValueError, match="dtype"):
+        masked_attention(q, k.double(), k, mask=causal())
+
+
+def test_import_does_not_import_triton() -> None:
+    code = "import sys, longkit, longkit.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+def test_naive_dispatch_on_cpu_matches_reference() -> None:
+    c = CASES[7]
+    t = _inputs(c)
+    out = masked_attention(t["q"], t["k"], t["v"], mask=c.mask)
+    ref, _ = naive_masked_attention(t["q"], t["k"], t["v"], mask=c.mask)
+    torch.testing.assert_close(out, ref)
+
+
+# ----------------------------------------------------------------------------- GPU tier
+GPU_CASES = [
+    ("causal", lambda T: causal()),
+    ("causal_offset", lambda T: causal(q_offset=T // 2)),
+    ("sink_window", lambda T: sink_window(4, T // 4)),
+    ("documents", lambda T: documents(torch.tensor([0, 300, 301, 1500, 1500, T - 1000, T], device="cuda"))),
+    ("docs_prefix", lambda T: documents(torch.tensor([0, 1200, T], device="cuda"))
+     & shared_prefix(torch.tensor([[500, 800], [1000, 1700]], device="cuda"))),
+    ("docs_sink", lambda T: documents(torch.tensor([0, 1200, T], device="cuda")) & sink_window(4, 300)),
+]
+
+
+def _lowprec_reference(q, k, v, mask: AttentionMask, scale: float, q_global=None, k_global=None):  # noqa: ANN001, ANN202
+    """Attention computed in the inputs' dtype with PyTorch ops (scores and P@V in bf16/fp16)."""
+    B, Hq, Tq, D = q.shape
+    g = Hq // k.shape[1]
+    kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ kr.transpose(-1, -2)) * scale
+    if q_global is not None:
+        n = k_global.shape[2]
+        sg = (q_global @ k_global.repeat_interleave(g, 1).transpose(-1, -2)) * scale
+        gb = mask.global_branch(B, Tq, k.shape[2], device=q.device)[..., :n]
+        s = torch.cat([torch.where(gb, sg, s[..., :n]), s[..., n:]], -1)
+    s = s.float().masked_fill(~mask.dense(B, Tq, k.shape[2], device=q.device), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).to(q.dtype)
+    return p @ vr, lse
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name,make", GPU_CASES, ids=[n for n, _ in GPU_CASES])
+def test_gpu_bf16_vs_reference(name: str, make, D: int) -> None:  # noqa: ANN001
+    T = 4096
+    mask = make(T)
+    Tq = T - mask.q_offset
+    B, Hq, Hkv = 1, 4, 2
+    c = Case(name, mask, B=B, Hq=Hq, Hkv=Hkv, Tq=Tq, Tk=T, D=D, dtype=torch.bfloat16,
+             use_global=name == "sink_window")
+    inputs = _inputs(c, "cuda")
+    grad_out = torch.randn(B, Hq, Tq, D, device="cuda")
+    scale = 1 / math.sqrt(D)
+    ref = _run(naive_masked_attention, inputs, mask, grad_out, cast=torch.float64)
+    low = _run(lambda **kw: _lowprec_reference(**kw, scale=scale), inputs, mask, grad_out)
+    tri = _run(_triton, inputs, mask, grad_out)
+    for n in ref:
+        assert_close(n, ref[n], tri[n], lowprec_ref=low[n], atol_floor=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", ["causal", "docs_sink"])
+def test_gpu_16k_vs_sdpa(name: str) -> None:
+    T, D = 16384, 128
+    mask = causal() if name == "causal" else (
+        documents(torch.tensor([0, 5000, 5001, 12000, T], device="cuda")) & sink_window(4, 2048))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 2, T, D, device="cuda", generator=g)
+    k = torch.randn(1, 1, T, D, device="cuda", generator=g)
+    v = torch.randn(1, 1, T, D, device="cuda", generator=g)
+    do = torch.randn(1, 2, T, D, device="cuda", generator=g)
+    dense = mask.dense(1, T, T, device="cuda") if name != "causal" else None
+
+    def sdpa(q, k, v, mask=None):  # noqa: ANN001, ANN202
+        kk, vv = k.expand(1, 2, T, D), v.expand(1, 2, T, D)
+        if dense is None:
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True), None
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=dense), None
+
+    inputs = {"q": q, "k": k, "v": v}
+    ref = _run(sdpa, inputs, mask, do)
+    low = _run(sdpa, {n: x.bfloat16() for n, x in inputs.items()}, mask, do)
+    tri = _run(_triton, {n: x.bfloat16() for n, x in inputs.items()}, mask, do)
+    for n in ("out", "dq", "dk", "dv"):
+        assert_close(n, ref[n], tri[n], lowprec_ref=low[n], atol_floor=1e-3)
