@@ -132,27 +132,70 @@ def _kernel_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling):
     return masked_attention(query, key, value, mask=mask, scale=scaling, q_global=q_global, k_global=k_global)
 
 
-def _decode_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling):
-    """One query per row and no padding: fold the distance limit into the few sink keys.
+_DECODE_MEMO: dict = {"key": None}
+
+
+def _decode_tables(query, key, attention_mask, position_ids, cfg, inv_freq):
+    """Per-forward tables for the one-query path (identical for every layer, so computed once).
+
+    Returns ``(n_sink, cos, sin, attn_mask)``: the sink columns, the rotation folding the distance limit
+    into them, and a bool mask ``[B, 1, 1, K]`` (or ``None`` when every key is visible).
+    """
+    b, k_len = query.shape[0], key.shape[2]
+    memo_key = (id(cfg), k_len, b, attention_mask.data_ptr() if attention_mask is not None else None)
+    ref = _DECODE_MEMO.get("pos_ref")
+    if _DECODE_MEMO["key"] == memo_key and ref is not None and ref() is position_ids:
+        return _DECODE_MEMO["tables"]
+    dev = query.device
+    p = position_ids.to(dev).long().expand(b, 1)  # [B, 1]
+    if attention_mask is None:
+        logical = _last_position(position_ids) + 1
+        k_all = None
+        sink = cfg.n_global
+    else:
+        mask = attention_mask.to(dev).bool()
+        logical = mask.shape[-1]
+        k_all = torch.where(mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long))
+        sink = sink_columns(mask, cfg.n_global)
+    n_s = min(sink, k_len)
+    visible = torch.ones(b, k_len, dtype=torch.bool, device=dev)
+    need_mask = False
+    s_pos = (torch.arange(n_s, device=dev).expand(b, n_s) if k_all is None else k_all[:, :n_s])
+    if k_all is not None:
+        # With left padding the sink region of a less-padded row also holds ordinary tokens (position >=
+        # n_global): those are visible only inside the window.
+        visible[:, :n_s] = (s_pos >= 0) & ((s_pos < cfg.n_global) | (p - s_pos < cfg.n_local))
+        need_mask = True
+    if k_len == logical:  # nothing evicted: window keys in position order, possibly farther than n_local
+        w_pos = (torch.arange(n_s, k_len, device=dev).expand(b, -1) if k_all is None else k_all[:, n_s:])
+        visible[:, n_s:] = (w_pos >= 0) & (p - w_pos < cfg.n_local)
+        need_mask = need_mask or (k_len - n_s > cfg.n_local) or k_all is not None
+    elif k_all is not None and not bool(attention_mask[:, logical - (k_len - n_s):].all()):
+        raise ValueError("lm_infinite's bounded cache needs padding only on the left (found padding in the window)")
+    delta = torch.where(p - s_pos >= cfg.n_local, p - cfg.limit_distance - s_pos, torch.zeros_like(s_pos))
+    ang = delta.float()[:, None, :, None] * inv_freq.to(device=dev, dtype=torch.float32)  # [B, 1, n_s, D/2]
+    tables = (n_s, torch.cos(ang), torch.sin(ang), visible[:, None, None, :] if need_mask else None)
+    _DECODE_MEMO.update(key=memo_key, pos_ref=weakref.ref(position_ids), tables=tables)
+    return tables
+
+
+def _decode_path(query, key, value, attention_mask, position_ids, cfg, inv_freq, scaling):
+    """One query per row: fold the distance limit into the few sink keys, then one fused SDPA call.
 
     ``q'·k'`` of the global branch equals ``q · R(p - limit - s) k`` for the stored post-RoPE key at
-    position ``s``; rotating only the ``sink`` keys lets one fused SDPA call score both branches (every
-    cached window key is inside the window by construction of the cache).
+    position ``s``, so rotating only the sink keys lets one attention call score both branches. Every
+    other cached key is either inside the window (the bounded cache keeps exactly those) or masked.
     """
     import torch.nn.functional as F
 
-    # Without padding the window columns hold contiguous positions ending at the query's.
-    n_g = min(sink, key.shape[2])
-    if n_g:
-        s = k_pos[:, :n_g]
-        p = q_pos[:, -1:]
-        delta = torch.where(p - s >= cfg.n_local, p - cfg.limit_distance - s, torch.zeros_like(s))
-        key = torch.cat([naive_rope_rotate(key[:, :, :n_g], delta, inv_freq), key[:, :, n_g:]], dim=2)
-    extra = key.shape[2] - n_g - cfg.n_local
-    if extra > 0:  # full (unbounded) cache: window keys farther than n_local are dropped
-        key = torch.cat([key[:, :, :n_g], key[:, :, n_g + extra:]], dim=2)
-        value = torch.cat([value[:, :, :n_g], value[:, :, n_g + extra:]], dim=2)
-    return F.scaled_dot_product_attention(query, key, value, scale=scaling,
+    n_s, cos, sin, mask = _decode_tables(query, key, attention_mask, position_ids, cfg, inv_freq)
+    if n_s:
+        ks = key[:, :, :n_s].float()
+        half = ks.shape[-1] // 2
+        k1, k2 = ks[..., :half], ks[..., half:]
+        rot = torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1).to(key.dtype)
+        key = torch.cat([rot, key[:, :, n_s:]], dim=2)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                           enable_gqa=query.shape[1] != key.shape[1])
 
 
@@ -171,10 +214,12 @@ def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         raise NotImplementedError("lm_infinite attention does not implement attention dropout")
     cfg = state.cfg
     inv_freq = state.rotary.inv_freq
-    q_pos, k_pos, sink = _positions(query, key, attention_mask, kwargs.get("position_ids"), cfg.n_global)
-    if attention_mask is None and query.shape[2] == 1:
-        out = _decode_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling)
-    elif query.is_cuda and attention_mask is None and _kernel_available():
+    position_ids = kwargs.get("position_ids")
+    if query.shape[2] == 1 and position_ids is not None:
+        out = _decode_path(query, key, value, attention_mask, position_ids, cfg, inv_freq, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    q_pos, k_pos, sink = _positions(query, key, attention_mask, position_ids, cfg.n_global)
+    if query.is_cuda and attention_mask is None and _kernel_available():
         out = _kernel_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling)
     else:
         out = chunked_lambda_attention(

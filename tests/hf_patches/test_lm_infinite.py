@@ -172,7 +172,7 @@ def test_cached_decoding_equals_full_forward(model_type):
         steps = [model(ids[:, :12], past_key_values=cache).logits]  # chunked prefill, then decode
         for t in range(12, 36):
             steps.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
-            assert cache.stored_tokens() <= cfg.n_global + cfg.n_local - 1
+            assert cache.stored_tokens() <= cfg.n_global + cfg.n_local
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.get_seq_length() == 36
 
@@ -198,7 +198,7 @@ def test_bounded_generate_equals_full_cache_generate_with_left_padding(model_typ
     finally:
         LMInfiniteCache.__init__ = orig
     assert len(seen) == 1, "generate() did not build the bounded LMInfiniteCache"
-    assert seen[0].stored_tokens() <= 3 + 13 + 12 - 1  # n_global + max left padding + n_local - 1
+    assert seen[0].stored_tokens() <= 3 + 13 + 12  # n_global + max left padding + n_local
     assert torch.equal(out, full)
 
 
@@ -211,6 +211,21 @@ def test_full_cache_generate_equals_recomputed_forward():
     with torch.no_grad():
         logits = model(out[:, :-1]).logits
     assert torch.equal(logits[0, 19:].argmax(-1), out[0, 20:])
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "fullcache"])
+def test_left_padded_generate_equals_recomputed_forward(bounded):
+    """Every greedy token of a left-padded batch is the argmax of a fresh full forward (prefill path)."""
+    model = tiny_model("llama")
+    longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=3, n_local=10, bounded_cache=bounded))
+    ids, mask = _left_padded(model.config.vocab_size, [24, 15, 9])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    full_mask = torch.cat([mask, torch.ones(3, 20, dtype=mask.dtype)], dim=1)[:, :-1]
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(out[:, :-1], attention_mask=full_mask, position_ids=pos).logits
+    t0 = ids.shape[1]
+    assert torch.equal(logits[:, t0 - 1:].argmax(-1), out[:, t0:])
 
 
 # --------------------------------------------------------------------------- API behaviour and errors
@@ -273,22 +288,36 @@ def test_attention_key_without_apply_patches_and_packed_positions_raise():
         model(torch.randint(0, 96, (1, 7)), position_ids=packed)
 
 
-@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "fullcache"])
-def test_decode_fast_path_equals_reference(bounded):
-    """The one-query SDPA path (used on CUDA) computes the same as the chunked reference; run on CPU."""
+@pytest.mark.parametrize("layout", ["ring", "fullcache", "leftpad"])
+def test_decode_fast_path_equals_reference(layout):
+    """The one-query path (fused SDPA with re-rotated sinks) equals the chunked reference, on CPU.
+
+    ``ring``: the bounded cache after wrapping returns window keys in slot order (a rotation of position
+    order); ``fullcache``: every key kept; ``leftpad``: row 1 starts with padding.
+    """
     from longkit.hf_patches.lm_infinite import _decode_path
 
     b, hq, hkv, d, n_g, n_local, length = 2, 4, 2, 16, 3, 8, 30
     f = _inv_freq(d)
     cfg = LMInfiniteConfig(n_global=n_g, n_local=n_local).resolved(64)
-    if bounded:  # sink columns + the last n_local columns, as LMInfiniteCache returns them
+    mask = None
+    if layout == "ring":
         k_pos = torch.cat([torch.arange(n_g), torch.arange(length - n_local, length)]).repeat(b, 1)
     else:
         k_pos = torch.arange(length).repeat(b, 1)
-    q_pos = torch.full((b, 1), length - 1)
+    k = torch.randn(b, hkv, k_pos.shape[1], d)
+    v = torch.randn(b, hkv, k_pos.shape[1], d)
+    if layout == "leftpad":
+        mask = torch.ones(b, length, dtype=torch.bool)
+        mask[1, :5] = False
+        k_pos = torch.where(mask, mask.long().cumsum(-1) - 1, -1)
+    q_pos = k_pos[:, -1:].clone()
     q = torch.randn(b, hq, 1, d)
-    k, v = torch.randn(b, hkv, k_pos.shape[1], d), torch.randn(b, hkv, k_pos.shape[1], d)
-    got = _decode_path(q, k, v, q_pos, k_pos, n_g, cfg, f, None)
     ref = chunked_lambda_attention(q, k, v, LambdaPositions(q_pos, k_pos), n_global=n_g, n_local=n_local,
                                    limit=cfg.limit_distance, inv_freq=f)
+    if layout == "ring":  # slot order: the window rolled by a few slots
+        roll = torch.cat([torch.arange(n_g), n_g + (torch.arange(n_local) + 3) % n_local])
+        k, v = k[:, :, roll], v[:, :, roll]
+    position_ids = q_pos if layout == "leftpad" else torch.full((1, 1), length - 1)
+    got = _decode_path(q, k, v, mask, position_ids, cfg, f, None)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
