@@ -321,3 +321,16 @@ def test_decode_fast_path_equals_reference(layout):
     position_ids = q_pos if layout == "leftpad" else torch.full((1, 1), length - 1)
     got = _decode_path(q, k, v, mask, position_ids, cfg, f, None)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_path_without_fused_cpu_kernel_matches_dense(monkeypatch):
+    """The fp32 fallback (used off-CPU, or where torch lacks the fused CPU kernel) computes the same."""
+    from longkit.kernels.lambda_attn import naive
+
+    monkeypatch.setattr(naive, "_CPU_FLASH", None)
+    q, k, v = torch.randn(1, 4, 33, 8), torch.randn(1, 2, 33, 8), torch.randn(1, 2, 33, 8)
+    pos = torch.arange(33)[None]
+    kw = dict(n_global=2, n_local=7, limit=7, inv_freq=_inv_freq(8))
+    got = chunked_lambda_attention(q, k, v, LambdaPositions(pos, pos), chunk=5, **kw)
+    torch.testing.assert_close(got, dense_lambda_attention(q, k, v, LambdaPositions(pos, pos), **kw),
+                               atol=1e-5, rtol=1e-4)

@@ -61,6 +61,33 @@ def _weighted(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(b, hq, tq, v.shape[-1])
 
 
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over a key band: ``(out fp32 [B,Hq,Tq,D], lse fp32 [B,Hq,Tq])``.
+
+    On CPU, torch's fused flash kernel (which also returns the log-sum-exp) does the work in the input
+    dtype with fp32 accumulation; elsewhere the scores are formed in fp32. Rows with no visible key give
+    ``out = 0`` and ``lse = -inf``.
+    """
+    if q.device.type == "cpu" and _CPU_FLASH is not None and k.shape[2] > 0:
+        g = q.shape[1] // k.shape[1]
+        kr = k.repeat_interleave(g, dim=1) if g > 1 else k
+        vr = v.repeat_interleave(g, dim=1) if g > 1 else v
+        bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
+        out, lse = _CPU_FLASH(q, kr, vr, 0.0, False, attn_mask=bias, scale=scale)
+        empty = ~visible.any(-1)  # [B, 1, Tq]
+        if bool(empty.any()):
+            out = out.masked_fill(empty[..., None], 0.0)
+            lse = lse.masked_fill(empty, float("-inf"))
+        return out.float(), lse
+    sc = torch.where(visible, _scores(q, k) * scale, float("-inf"))
+    lse = torch.logsumexp(sc, dim=-1)
+    return _weighted(torch.softmax(sc, dim=-1).nan_to_num(0.0), v), lse
+
+
 def dense_lambda_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: LambdaPositions, *, n_global: int, n_local: int,
     limit: int, inv_freq: torch.Tensor, scale: float | None = None,
@@ -123,20 +150,23 @@ def chunked_lambda_attention(
         lo = int(torch.searchsorted(k_sorted, lo_pos, right=False).min().item())
         hi = int(torch.searchsorted(k_sorted, hi_pos, right=True).max().item())
         hi = max(hi, lo)
-        kb, vb, sb = k[:, :, lo:hi], v[:, :, lo:hi], k_pos[:, lo:hi]
+        sb = k_pos[:, lo:hi]
         p = qp[:, None, :, None]
         s = sb[:, None, None, :]
         local = (s >= 0) & (s <= p) & (p - s < n_local)
-        sc = torch.where(local, _scores(qc, kb) * scale, float("-inf"))
-        vals = vb
+        o_loc, lse_loc = _band_attention(qc, k[:, :, lo:hi], v[:, :, lo:hi], local, scale)
         if n_gcols:
             sg = gpos[:, None, None, :]
             glob = (sg >= 0) & (sg < n_global) & (p - sg >= n_local)
             if bool(glob.any()):
                 q_stat = naive_rope_rotate(qc, limit - qp, inv_freq)
                 scg = torch.where(glob, _scores(q_stat, kg) * scale, float("-inf"))
-                sc = torch.cat([scg, sc], dim=-1)
-                vals = torch.cat([vg, vb], dim=2)
-        probs = torch.softmax(sc, dim=-1).nan_to_num(0.0)
-        out[:, :, c0:c1] = _weighted(probs, vals).to(q.dtype)
+                lse_g = torch.logsumexp(scg, dim=-1)
+                o_g = _weighted(torch.softmax(scg, dim=-1).nan_to_num(0.0), vg)
+                # Merge the two softmaxes by their log-sum-exps (one softmax over both branches).
+                lse = torch.logaddexp(lse_loc, lse_g)
+                w_loc = torch.exp(lse_loc - lse).nan_to_num(0.0)[..., None]
+                w_g = torch.exp(lse_g - lse).nan_to_num(0.0)[..., None]
+                o_loc = o_loc * w_loc + o_g * w_g
+        out[:, :, c0:c1] = o_loc.to(q.dtype)
     return out
