@@ -219,6 +219,7 @@ def test_left_padded_generate_equals_recomputed_forward(bounded):
     model = tiny_model("llama")
     longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=3, n_local=10, bounded_cache=bounded))
     ids, mask = _left_padded(model.config.vocab_size, [24, 15, 9])
+    model.generation_config.eos_token_id = None  # a random model may emit EOS; rows must not stop early
     out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     full_mask = torch.cat([mask, torch.ones(3, 20, dtype=mask.dtype)], dim=1)[:, :-1]
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
