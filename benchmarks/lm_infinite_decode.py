@@ -79,7 +79,8 @@ def measure(model, prompt, new_tokens: int, device: str, repeats: int) -> dict:
     t1, tn = sorted(t1s)[len(t1s) // 2], sorted(tns)[len(tns) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     b = prompt.shape[0]
-    return {"prefill_s": t1, "decode_tok_s": new_tokens * b / max(tn - t1, 1e-9), "peak_gib": peak}
+    decode = new_tokens * b / (tn - t1) if tn > t1 else None  # None: timing noise exceeded the decode time
+    return {"prefill_s": t1, "decode_tok_s": decode, "peak_gib": peak}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--plan", nargs="+", default=None,
+                    help="explicit BATCHxCONTEXT pairs, e.g. 1x65536 4x32768 (overrides --batches/--contexts)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--n-global", type=int, default=10)
     ap.add_argument("--n-local", type=int, default=None, help="default: the model's max_position_embeddings")
@@ -112,44 +115,53 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _generate(model, warm, 2, args.device)
         with longkit.patched(model, lm_infinite=lm_cfg):
             _generate(model, warm, 2, args.device)
-        for batch in args.batches:
-            for context in args.contexts:
-                prompt = torch.randint(1, model.config.vocab_size, (batch, context), device=args.device)
-                res = {}
-                for method in ("vanilla", "lm_infinite"):
-                    gc.collect()
-                    if args.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-                    try:
-                        if method == "vanilla":
+        plan = ([tuple(int(x) for x in p.split("x")) for p in args.plan] if args.plan
+                else [(b, c) for b in args.batches for c in args.contexts])
+        for batch, context in plan:
+            prompt = torch.randint(1, model.config.vocab_size, (batch, context), device=args.device)
+            res = {}
+            for method in ("vanilla", "lm_infinite"):
+                gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                try:
+                    if method == "vanilla":
+                        res[method] = measure(model, prompt, args.new_tokens, args.device, args.repeats)
+                    else:
+                        with longkit.patched(model, lm_infinite=lm_cfg):
                             res[method] = measure(model, prompt, args.new_tokens, args.device, args.repeats)
-                        else:
-                            with longkit.patched(model, lm_infinite=lm_cfg):
-                                res[method] = measure(model, prompt, args.new_tokens, args.device, args.repeats)
-                    except torch.OutOfMemoryError:
-                        res[method] = {"prefill_s": None, "decode_tok_s": None, "peak_gib": None, "oom": True}
-                v, lm = res["vanilla"], res["lm_infinite"]
-                speedup = (lm["decode_tok_s"] / v["decode_tok_s"]) if v.get("decode_tok_s") and lm.get(
-                    "decode_tok_s") else None
-                mem_ratio = (v["peak_gib"] / lm["peak_gib"]) if v.get("peak_gib") and lm.get("peak_gib") else None
-                rows.append({
-                    "batch": batch, "context": context, "n_local": n_local, "n_global": args.n_global,
-                    "vanilla_tok_s": v.get("decode_tok_s"), "lminf_tok_s": lm.get("decode_tok_s"),
-                    "decode_speedup": speedup,
-                    "vanilla_peak_gib": v.get("peak_gib"), "lminf_peak_gib": lm.get("peak_gib"),
-                    "peak_mem_ratio": mem_ratio,
-                    "vanilla_prefill_s": v.get("prefill_s"), "lminf_prefill_s": lm.get("prefill_s"),
-                    "vanilla_oom": v.get("oom", False), "lminf_oom": lm.get("oom", False),
-                })
-                print_table(rows[-1:], title=f"batch {batch}, context {context}")
+                except torch.OutOfMemoryError:
+                    res[method] = {"prefill_s": None, "decode_tok_s": None, "peak_gib": None, "oom": True}
+            v, lm = res["vanilla"], res["lm_infinite"]
+            speedup = (lm["decode_tok_s"] / v["decode_tok_s"]) if v.get("decode_tok_s") and lm.get(
+                "decode_tok_s") else None
+            mem_ratio = (v["peak_gib"] / lm["peak_gib"]) if v.get("peak_gib") and lm.get("peak_gib") else None
+            rows.append({
+                "batch": batch, "context": context, "n_local": n_local, "n_global": args.n_global,
+                "vanilla_tok_s": v.get("decode_tok_s"), "lminf_tok_s": lm.get("decode_tok_s"),
+                "decode_speedup": speedup,
+                "vanilla_peak_gib": v.get("peak_gib"), "lminf_peak_gib": lm.get("peak_gib"),
+                "peak_mem_ratio": mem_ratio,
+                "vanilla_prefill_s": v.get("prefill_s"), "lminf_prefill_s": lm.get("prefill_s"),
+                "vanilla_oom": v.get("oom", False), "lminf_oom": lm.get("oom", False),
+            })
+            print_table(rows[-1:], title=f"batch {batch}, context {context}")
+            _save(args, rows)  # after every row: a run cut short keeps what it measured
     print_table(rows, ["batch", "context", "vanilla_tok_s", "lminf_tok_s", "decode_speedup", "vanilla_peak_gib",
                        "lminf_peak_gib", "peak_mem_ratio", "vanilla_prefill_s", "lminf_prefill_s"],
                 title=f"LM-Infinite decode ({args.shape}, {args.new_tokens} new tokens, SDPA flash/efficient)")
-    gpu = (torch.cuda.get_device_name(0).split()[-2].lower() if args.device.startswith("cuda") else "cpu")
+    _save(args, rows)
+    return rows
+
+
+def _save(args: argparse.Namespace, rows: list[dict]) -> None:
+    gpu = "cpu"
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name(0).lower()
+        gpu = next((g for g in ("h100", "h200", "a100", "b200") if g in name), name.split()[-1])
     save_results(f"lm_infinite_decode_{gpu}" if args.shape != "tiny" else "lm_infinite_decode_tiny", rows,
                  {"shape": args.shape, "model": SHAPES[args.shape], "new_tokens": args.new_tokens,
                   "sdpa_backends": "flash, efficient (math as last resort)"}, args.out_dir)
-    return rows
 
 
 if __name__ == "__main__":
