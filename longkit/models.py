@@ -114,7 +114,9 @@ def default_model_status(cache_dir: str | os.PathLike[str] | None = None) -> dic
 
 
 def _model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / DEFAULT_MODEL_NAME
+    return (
+        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / DEFAULT_MODEL_NAME
+    )
 
 
 @contextlib.contextmanager
@@ -281,4 +283,6 @@ def find_text_document(min_tokens: int, tokenizer: Any) -> tuple[str, str]:
         total += n_tokens(part)  # joining adds a token or two at most: never fewer than the sum
         if total >= min_tokens:
             return f"python-stdlib/{'+'.join(names)}", "\n\n".join(parts)
-    raise LongkitError(f"could not find a text of {min_tokens} tokens in the standard library ({len(cands)} files)")
+    raise LongkitError(
+        f"could not find a text of {min_tokens} tokens in the standard library ({len(cands)} files)"
+    )
