@@ -31,3 +31,17 @@ def test_import_longkit_imports_no_optional_host():
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_code_is_ruff_clean():
+    import shutil
+    import subprocess
+
+    import pytest
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff not installed (pip install -e '.[dev]')")
+    res = subprocess.run([ruff, "check", "longkit", "tests", "benchmarks", "recipes"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
