@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from .._compat import require_host
-from ..config import LMInfiniteConfig
 from ..errors import ConfigError, UnsupportedModelError
 from .handle import HANDLE_ATTR, PatchHandle
 from .registry import TECHNIQUES
@@ -118,5 +117,3 @@ def patched(model: Any, **features: Any):
             elif not handle.undo:
                 remove_patches(model)
 
-
-del LMInfiniteConfig

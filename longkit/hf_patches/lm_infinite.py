@@ -28,7 +28,7 @@ from torch import nn
 from ..config import LMInfiniteConfig
 from ..errors import UnsupportedModelError
 from ..kernels.lambda_attn import LambdaPositions, chunked_lambda_attention
-from ..kernels.rope import naive_rope_rotate
+from ..kernels.rope import naive_rope_rotate, rope_angles, rotate_with
 from .lm_infinite_cache import LMInfiniteCache, sink_columns
 
 ATTN_KEY = "longkit_lm_infinite"
@@ -69,6 +69,11 @@ def _last_position(position_ids: torch.Tensor) -> int:
     return _LAST_POS[1]
 
 
+def _mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions ``[B, L]`` of the logical columns of a 2-D padding mask (``cumsum - 1``; -1 = padding)."""
+    return torch.where(mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long))
+
+
 def _positions(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                position_ids: torch.Tensor | None, n_global: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Query positions ``[B, Tq]``, key positions ``[B, Tk]`` (-1 = padding) and the sink column count."""
@@ -97,7 +102,7 @@ def _positions(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Ten
     else:
         mask = attention_mask.to(query.device).bool()
         logical = mask.shape[-1]
-        k_all = torch.where(mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long))
+        k_all = _mask_positions(mask)
         expected = k_all[:, logical - tq:]
         real = expected >= 0
         if not torch.equal(q_pos[real], expected[real]):
@@ -155,7 +160,7 @@ def _decode_tables(query, key, attention_mask, position_ids, cfg, inv_freq):
     else:
         mask = attention_mask.to(dev).bool()
         logical = mask.shape[-1]
-        k_all = torch.where(mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long))
+        k_all = _mask_positions(mask)
         sink = sink_columns(mask, cfg.n_global)
     n_s = min(sink, k_len)
     visible = torch.ones(b, k_len, dtype=torch.bool, device=dev)
@@ -173,8 +178,8 @@ def _decode_tables(query, key, attention_mask, position_ids, cfg, inv_freq):
     elif k_all is not None and not bool(attention_mask[:, logical - (k_len - n_s):].all()):
         raise ValueError("lm_infinite's bounded cache needs padding only on the left (found padding in the window)")
     delta = torch.where(p - s_pos >= cfg.n_local, p - cfg.limit_distance - s_pos, torch.zeros_like(s_pos))
-    ang = delta.float()[:, None, :, None] * inv_freq.to(device=dev, dtype=torch.float32)  # [B, 1, n_s, D/2]
-    tables = (n_s, torch.cos(ang), torch.sin(ang), visible[:, None, None, :] if need_mask else None)
+    cos, sin = rope_angles(delta, inv_freq, dev)  # [B, 1, n_s, D/2]
+    tables = (n_s, cos, sin, visible[:, None, None, :] if need_mask else None)
     _DECODE_MEMO.update(key=memo_key, pos_ref=weakref.ref(position_ids), tables=tables)
     return tables
 
@@ -190,11 +195,7 @@ def _decode_path(query, key, value, attention_mask, position_ids, cfg, inv_freq,
 
     n_s, cos, sin, mask = _decode_tables(query, key, attention_mask, position_ids, cfg, inv_freq)
     if n_s:
-        ks = key[:, :, :n_s].float()
-        half = ks.shape[-1] // 2
-        k1, k2 = ks[..., :half], ks[..., half:]
-        rot = torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1).to(key.dtype)
-        key = torch.cat([rot, key[:, :, n_s:]], dim=2)
+        key = torch.cat([rotate_with(key[:, :, :n_s], cos, sin), key[:, :, n_s:]], dim=2)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                           enable_gqa=query.shape[1] != key.shape[1])
 

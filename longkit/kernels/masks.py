@@ -149,16 +149,15 @@ class AttentionMask:
             cu = self.cu_seqlens.to(device=device, dtype=torch.long)
             doc = torch.bucketize(torch.arange(tk, device=device), cu[1:], right=True)  # doc id per token
             start = cu[doc]  # document start per token
-            q_doc, q_start = doc[p.squeeze(1)][:, None], start[p.squeeze(1)][:, None]
+            q_doc = doc[p.squeeze(1)][:, None]
             visible &= (doc[None, :] == q_doc)[None]
-            j_rel = (j - start[None, :])  # key offset within its document
+            j_rel = j - start[None, :]  # key offset within its document
         else:
-            q_start = torch.zeros_like(p)
             j_rel = j
         if self.n_local is not None:
             local = (p - j) < self.n_local
             glob = j_rel < self.n_global
-            visible &= (local | glob)[None] if local.dim() == 2 else (local | glob)
+            visible &= (local | glob)[None]
         if self.prefix_segments is not None:
             seg = self.prefix_segments.to(device=device, dtype=torch.long)
             if self.cu_seqlens is not None:
@@ -173,7 +172,6 @@ class AttentionMask:
                 rs = seg[:, 1].view(batch, 1, 1)
                 hidden = (p[None] >= rs) & (j[None] >= cs) & (j[None] < rs)
                 visible &= ~hidden
-        del q_start
         return visible[:, None]
 
     def global_branch(self, batch: int, tq: int, tk: int, device: torch.device | str = "cpu") -> torch.Tensor:

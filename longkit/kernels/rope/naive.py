@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["naive_rope_rotate"]
+__all__ = ["naive_rope_rotate", "rope_angles", "rotate_with"]
 
 
 def naive_rope_rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -33,11 +33,21 @@ def naive_rope_rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tens
         raise ValueError(
             f"head dim {d} != 2 * len(inv_freq) = {2 * inv_freq.numel()}: partial rotary embeddings are not supported"
         )
+    cos, sin = rope_angles(delta, inv_freq, x.device)
+    return rotate_with(x, cos, sin)
+
+
+def rope_angles(delta: torch.Tensor, inv_freq: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """``cos, sin`` of ``delta · inv_freq`` shaped ``[B|1, 1, T, D/2]`` (fp32), for :func:`rotate_with`."""
     if delta.dim() == 1:
         delta = delta[None]
-    ang = delta.to(torch.float32)[:, None, :, None] * inv_freq.to(device=x.device, dtype=torch.float32)
-    cos, sin = torch.cos(ang), torch.sin(ang)  # [B|1, 1, T, D/2]
+    ang = delta.to(device=device, dtype=torch.float32)[:, None, :, None] * inv_freq.to(device, torch.float32)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, H, T, D]`` by precomputed ``cos, sin`` (half-split pairs), in fp32; returns ``x.dtype``."""
     xf = x.to(torch.float32)
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
