@@ -1,3 +1,32 @@
-"""DeepSpeed extension (not built yet): a ``"longkit"`` section in the DeepSpeed JSON config that wires
-Ulysses / LASP-2 sequence parallelism and activation offload for HF models. Tracked in the issues; see the
-README's feature table. Nothing here is importable API yet."""
+"""DeepSpeed extension: a ``"longkit"`` section in the DeepSpeed JSON config and Ulysses sequence parallelism
+for Hugging Face models.
+
+    from longkit.deepspeed_ext import initialize
+    engine, optimizer, loader, scheduler, sp = initialize(model, "ds_config.json", training_data=dataset,
+                                                          collate_fn=collate, model_parameters=model.parameters())
+    for shard in loader:
+        loss = engine(**shard).loss      # the whole batch's loss, identical on every rank of the group
+        engine.backward(loss)
+        engine.step()
+
+Built: Ulysses (all-to-all) sequence parallelism with GQA, uneven head counts, any sequence length
+(padded), packed documents and padding; ZeRO 0-3; bf16. Not built yet: LASP-2 (``mode: "lasp2"``) and
+``activation_offload`` raise ``NotImplementedError``.
+"""
+
+from .config import ActivationOffloadConfig, LongkitDSConfig, SequenceParallelConfig, parse_ds_config
+from .engine import LongkitEngine, initialize
+from .groups import SequenceParallelGroups
+from .sequence_parallel import SequenceParallel, reduce_loss
+
+__all__ = [
+    "initialize",
+    "LongkitEngine",
+    "SequenceParallel",
+    "SequenceParallelGroups",
+    "SequenceParallelConfig",
+    "ActivationOffloadConfig",
+    "LongkitDSConfig",
+    "parse_ds_config",
+    "reduce_loss",
+]

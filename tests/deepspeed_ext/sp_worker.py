@@ -1,0 +1,218 @@
+"""Worker for the gloo tests: SP=2 DeepSpeed runs vs the unpatched single-process model, per scenario.
+
+Run by tests/deepspeed_ext/test_ulysses_dist.py as
+``python -m torch.distributed.run --nproc_per_node 2 sp_worker.py OUT.json SCENARIO...``.
+Every rank builds the same model and batch (seed from ``LONGKIT_SP_SEED``, fresh per test run),
+computes the reference loss and gradients with the plain HF model on the whole batch, then the longkit
+SP=2 loss and (ZeRO-gathered) gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils import tiny_model  # noqa: E402
+
+SEED = int(os.environ.get("LONGKIT_SP_SEED", "1234"))
+
+SCENARIOS = {
+    # name: (model_type, model overrides, batch kind, B, T, zero stage, dtype)
+    "llama_z0": ("llama", {}, "plain", 2, 32, 0, "fp32"),
+    "llama_z1": ("llama", {}, "plain", 2, 32, 1, "fp32"),
+    "llama_z2": ("llama", {}, "plain", 2, 32, 2, "fp32"),
+    "llama_z3": ("llama", {}, "plain", 2, 32, 3, "fp32"),
+    "qwen3_mqa_uneven_len": ("qwen3", {"num_key_value_heads": 1}, "plain", 2, 29, 2, "fp32"),
+    "llama_packed": ("llama", {}, "packed", 1, 40, 0, "fp32"),
+    "llama_right_pad": ("llama", {}, "right_pad", 3, 30, 1, "fp32"),
+    "llama_left_pad": ("llama", {}, "left_pad", 2, 24, 0, "fp32"),
+    "llama_uneven_heads": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 96},
+                           "plain", 2, 20, 2, "fp32"),
+    "qwen2_heads5": ("qwen2", {"num_attention_heads": 5, "num_key_value_heads": 5, "hidden_size": 80},
+                     "plain", 1, 26, 0, "fp32"),
+    "llama_bf16_z2": ("llama", {}, "plain", 2, 32, 2, "bf16"),
+    "llama_ckpt_z2": ("llama", {}, "packed", 1, 40, 2, "fp32"),  # + gradient checkpointing (recompute)
+}
+
+
+def make_batch(kind: str, B: int, T: int, vocab: int, gen: torch.Generator) -> dict:
+    ids = torch.randint(3, vocab, (B, T), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = -100  # a prompt that is not trained on
+    batch = {"input_ids": ids, "labels": labels}
+    if kind == "packed":  # three documents in one row; the first token of each document gets no label
+        cuts = [0, 13, 27, T]
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(cuts[:-1], cuts[1:])]).unsqueeze(0)
+        for c in cuts[1:-1]:
+            labels[0, c] = -100
+        batch["position_ids"] = pos
+    elif kind in ("right_pad", "left_pad"):
+        mask = torch.ones(B, T, dtype=torch.long)
+        for b in range(1, B):
+            n = 5 * b
+            if kind == "right_pad":
+                mask[b, T - n:] = 0
+            else:
+                mask[b, :n] = 0
+        labels[mask == 0] = -100
+        if kind == "left_pad":  # the first real token is predicted from a pad position: not a defined target
+            for b in range(1, B):
+                labels[b, 5 * b] = -100
+        batch["attention_mask"] = mask
+    return batch
+
+
+def reference(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+    return float(out.loss.detach()), grads
+
+
+def run(name: str) -> dict:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from longkit.deepspeed_ext import initialize
+
+    model_type, overrides, kind, B, T, stage, dtype = SCENARIOS[name]
+    torch.manual_seed(SEED)
+    model = tiny_model(model_type, **overrides).train()
+    gen = torch.Generator().manual_seed(SEED + 1)
+    batch = make_batch(kind, B, T, model.config.vocab_size, gen)
+    ref_loss, ref_grads = reference(model, batch)
+
+    sp_model = copy.deepcopy(model)
+    sp_model.zero_grad(set_to_none=True)
+    if "ckpt" in name:
+        sp_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = {
+        "train_micro_batch_size_per_gpu": B,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}},
+    }
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    engine, *_ , sp = initialize(sp_model, config, model_parameters=sp_model.parameters())
+    shard = sp.shard_batch(batch)
+    out = engine(**{k: (v.to(engine.device) if torch.is_tensor(v) else v) for k, v in shard.items()})
+    loss = out.loss
+    engine.backward(loss)
+    err, worst = 0.0, ""
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, p in engine.module.named_parameters():
+        g = safe_get_full_grad(p)
+        if g is None:
+            return {"error": f"no gradient for {n}"}
+        d = (g.float().cpu() - ref_grads[n]).abs().max().item()
+        if d > err:
+            err, worst = d, n
+    engine.destroy() if hasattr(engine, "destroy") else None
+    del deepspeed
+    return {"ref_loss": ref_loss, "sp_loss": float(loss.detach()), "max_grad_err": err, "grad_scale": scale,
+            "worst_param": worst, "local_tokens": int(shard["input_ids"].shape[1])}
+
+
+def train_steps(steps: int = 3) -> dict:
+    """Three SGD steps through initialize(training_data=...) vs plain torch SGD on one process.
+
+    (SGD rather than Adam: Adam's g / sqrt(v) turns 1e-8 differences in near-zero gradients into full
+    lr-sized steps, which would hide real errors behind noise.)"""
+    from longkit.deepspeed_ext import initialize
+
+    torch.manual_seed(SEED)
+    model = tiny_model("qwen3", num_key_value_heads=1).train()
+    gen = torch.Generator().manual_seed(SEED + 2)
+    data = [{"input_ids": torch.randint(3, 96, (27,), generator=gen)} for _ in range(2 * steps)]
+
+    def collate(items):
+        ids = torch.stack([it["input_ids"] for it in items])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    ref_losses = []
+    for i in range(steps):
+        opt.zero_grad()
+        loss = ref(**collate(data[2 * i: 2 * i + 2]), use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)  # DeepSpeed's gradient_clipping below
+        opt.step()
+        ref_losses.append(float(loss.detach()))
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "gradient_clipping": 1.0,
+              "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}}}
+    engine, _, loader, _, sp = initialize(model, config, optimizer=torch.optim.SGD(model.parameters(), lr=0.5,
+                                                                                   momentum=0.9),
+                                          training_data=data, collate_fn=collate)
+    loader.sampler.shuffle = False
+    sp_losses = []
+    for shard in loader:
+        loss = engine(**shard).loss
+        engine.backward(loss)
+        engine.step()
+        sp_losses.append(float(loss.detach()))
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    err = max((safe_get_full_fp32_param(p).cpu() - q.detach()).abs().max().item()
+              for p, q in zip(engine.module.parameters(), ref.parameters()))
+    return {"ref_losses": ref_losses, "sp_losses": sp_losses, "max_param_err": err}
+
+
+def errors() -> dict:
+    """Messages of the errors that need a running process group."""
+    from longkit.deepspeed_ext import initialize
+
+    torch.manual_seed(0)
+    got = {}
+    base = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    cases = {
+        "size_not_dividing_world": {**base, "longkit": {"sequence_parallel": {"size": 3}}},
+        "train_batch_size": {**base, "train_batch_size": 1, "longkit": {"sequence_parallel": {"size": 2}}},
+    }
+    for key, cfg in cases.items():
+        model = tiny_model("llama").train()
+        try:
+            initialize(model, cfg, model_parameters=model.parameters())
+            got[key] = "no error"
+        except Exception as e:  # noqa: BLE001
+            got[key] = f"{type(e).__name__}: {e}"
+    model = tiny_model("llama").train()
+    engine, *_ = initialize(model, {**base, "longkit": {"sequence_parallel": {"size": 2}}},
+                            model_parameters=model.parameters())
+    try:
+        engine(input_ids=torch.randint(0, 96, (1, 8)))
+        got["no_position_ids"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        got["no_position_ids"] = f"{type(e).__name__}: {e}"
+    return got
+
+
+def main() -> None:
+    out_path, names = sys.argv[1], sys.argv[2:]
+    results = {}
+    for name in names:
+        try:
+            special = {"train_steps": train_steps, "errors": errors}
+            results[name] = special[name]() if name in special else run(name)
+        except Exception as e:  # reported per scenario so one failure does not hide the others
+            import traceback
+
+            results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+    rank = int(os.environ.get("RANK", "0"))
+    with open(f"{out_path}.rank{rank}", "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
