@@ -72,6 +72,14 @@ class SequenceParallel:
         else:
             self.groups, self.group, self.rank = None, None, 0
 
+    @classmethod
+    def from_ds_config(cls, config: dict[str, Any] | str) -> SequenceParallel:
+        """Build from a DeepSpeed config's ``"longkit"`` section (``torch.distributed`` must be up: e.g. after
+        ``Accelerator(...)`` or ``deepspeed.init_distributed()``)."""
+        from .config import parse_ds_config
+
+        return cls(parse_ds_config(config).sequence_parallel)
+
     # ------------------------------------------------------------------------------------------ model
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Install Ulysses attention and the loss reduction on this model instance (no-op for size 1)."""

@@ -169,6 +169,35 @@ def train_steps(steps: int = 3) -> dict:
     return {"ref_losses": ref_losses, "sp_losses": sp_losses, "max_param_err": err}
 
 
+def with_accelerate() -> dict:
+    """accelerate's DeepSpeed plugin + SequenceParallel.from_ds_config: loss and grads vs one process."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.utils import safe_get_full_grad
+
+    from longkit.deepspeed_ext import SequenceParallel
+
+    torch.manual_seed(SEED)
+    model = tiny_model("llama").train()
+    batch = make_batch("packed", 1, 40, model.config.vocab_size, torch.Generator().manual_seed(SEED + 3))
+    ref_loss, ref_grads = reference(model, batch)
+    model.zero_grad(set_to_none=True)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}}}
+    acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), cpu=True)
+    sp = SequenceParallel.from_ds_config(config)
+    sp.prepare_model(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine, opt = acc.prepare(model, opt)
+    loss = engine(**sp.shard_batch(batch)).loss
+    acc.backward(loss)
+    err = max((safe_get_full_grad(p).float() - ref_grads[n]).abs().max().item()
+              for n, p in engine.module.named_parameters())
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    return {"ref_loss": ref_loss, "sp_loss": float(loss.detach()), "max_grad_err": err, "grad_scale": scale}
+
+
 def errors() -> dict:
     """Messages of the errors that need a running process group."""
     from longkit.deepspeed_ext import initialize
@@ -203,7 +232,7 @@ def main() -> None:
     results = {}
     for name in names:
         try:
-            special = {"train_steps": train_steps, "errors": errors}
+            special = {"train_steps": train_steps, "errors": errors, "accelerate": with_accelerate}
             results[name] = special[name]() if name in special else run(name)
         except Exception as e:  # reported per scenario so one failure does not hide the others
             import traceback

@@ -28,7 +28,8 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp") / "res.json"
     env = {**os.environ, "LONGKIT_SP_SEED": str(seed), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + seed % 1000), str(HERE / "sp_worker.py"), str(out), *SCENARIOS, "train_steps", "errors"]
+           str(29500 + seed % 1000), str(HERE / "sp_worker.py"), str(out), *SCENARIOS, "train_steps", "errors",
+           "accelerate"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"seed {seed}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     per_rank = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(2)]
@@ -56,6 +57,16 @@ def test_training_steps_match(results):
         for a, b in zip(r["sp_losses"], r["ref_losses"]):
             assert abs(a - b) <= 1e-5 * abs(b), (seed, r)
         assert r["max_param_err"] < 1e-5, (seed, r)
+
+
+def test_accelerate_deepspeed_plugin_path(results):
+    """Accelerator(deepspeed_plugin=...) + SequenceParallel.from_ds_config: same loss and gradients."""
+    seed, per_rank = results
+    for res in per_rank:
+        r = res["accelerate"]
+        assert "error" not in r, f"seed {seed}: {r.get('trace', r['error'])}"
+        assert abs(r["sp_loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (seed, r)
+        assert r["max_grad_err"] <= 1e-5 * r["grad_scale"], (seed, r)
 
 
 def test_clear_errors_under_a_process_group(results):
