@@ -6,11 +6,13 @@ vLLM arguments, so one name means one thing everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import ConfigError
 
 __all__ = ["LMInfiniteConfig"]
+
+_DECODE_MODES = ("eager", "static", "cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,14 @@ class LMInfiniteConfig:
         bounded_cache: make ``generate()`` keep only ``n_global + n_local`` tokens per layer (constant
             memory and time per decoded token). ``False`` keeps HF's full cache (same outputs).
         query_chunk: queries processed per step by the CPU/PyTorch path (memory vs. speed).
+        decode: how ``generate()`` decodes with the bounded cache (same outputs in every mode):
+
+            * ``"eager"``: the ring cache returns data-dependent shapes; no CUDA graphs.
+            * ``"static"``: a preallocated ``n_global + n_local``-slot cache whose write index, token
+              positions and validity live on the device, and a one-query attention step with fixed shapes
+              and no host synchronisation (runs anywhere; the building block of ``"cuda_graph"``).
+            * ``"cuda_graph"``: ``"static"`` plus CUDA-graph replay of every one-token decode forward
+              (CUDA only; removes the per-step host overhead that bounds HF eager decoding). Prefill stays eager.
     """
 
     n_global: int = 10
@@ -37,6 +47,7 @@ class LMInfiniteConfig:
     limit_distance: int | None = None
     bounded_cache: bool = True
     query_chunk: int = 1024
+    decode: str = "eager"
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_global, int) or self.n_global < 0:
@@ -51,9 +62,15 @@ class LMInfiniteConfig:
             )
         if self.query_chunk < 1:
             raise ConfigError(f"LMInfiniteConfig.query_chunk must be >= 1, got {self.query_chunk!r}")
+        if self.decode not in _DECODE_MODES:
+            raise ConfigError(f"LMInfiniteConfig.decode must be one of {list(_DECODE_MODES)}, got {self.decode!r}")
+        if self.decode != "eager" and not self.bounded_cache:
+            raise ConfigError(
+                f"LMInfiniteConfig.decode={self.decode!r} needs bounded_cache=True (it is a mode of the bounded cache)"
+            )
 
     def resolved(self, max_position_embeddings: int) -> LMInfiniteConfig:
         """Fill the ``None`` defaults from the model's pretraining length."""
         n_local = self.n_local if self.n_local is not None else int(max_position_embeddings)
         limit = self.limit_distance if self.limit_distance is not None else n_local
-        return LMInfiniteConfig(self.n_global, n_local, limit, self.bounded_cache, self.query_chunk)
+        return replace(self, n_local=n_local, limit_distance=limit)

@@ -7,7 +7,7 @@ KV cache of ``n_global + n_local`` tokens per layer. Prints the answer, the time
 
     python recipes/lm_infinite_generate.py --help
     python recipes/lm_infinite_generate.py --tokens 2000 --n-local 512           # quick, CPU
-    python recipes/lm_infinite_generate.py --model /path/to/llama --tokens 32000 --device cuda
+    python recipes/lm_infinite_generate.py --model /path/to/llama --tokens 32000 --device cuda --decode cuda_graph
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--question", default="Summarise in one sentence what the code above implements.")
     ap.add_argument("--n-global", type=int, default=10)
     ap.add_argument("--n-local", type=int, default=None, help="default: max_position_embeddings")
+    ap.add_argument("--decode", default="eager", choices=["eager", "static", "cuda_graph"],
+                    help="cuda_graph: fixed-shape cache + CUDA-graph decode steps (CUDA only)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> str:
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ids = prompt["input_ids"].to(args.device)
 
-    longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=args.n_global, n_local=args.n_local))
+    longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=args.n_global, n_local=args.n_local,
+                                                                  decode=args.decode))
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,

@@ -8,7 +8,10 @@ Installed per model instance by ``longkit.apply_patches(model, lm_infinite=...)`
   no mask and padding is lost). The builder returns only the 2-D padding mask (or ``None``): the Λ
   pattern is applied inside the attention, so no T×T mask is ever built;
 * the model's ``_prepare_cache_for_generation`` is wrapped (this instance only) so ``generate()``
-  uses :class:`~longkit.hf_patches.lm_infinite_cache.LMInfiniteCache` (constant memory);
+  uses :class:`~longkit.hf_patches.lm_infinite_cache.LMInfiniteCache` (constant memory), or with
+  ``LMInfiniteConfig(decode="static" | "cuda_graph")`` the fixed-shape
+  :class:`~longkit.hf_patches.lm_infinite_static.LMInfiniteStaticCache`; ``"cuda_graph"`` also replaces this
+  instance's ``get_compiled_call`` by a CUDA-graph runner (:mod:`~longkit.hf_patches.lm_infinite_graph`);
 * CUDA tensors without padding go to the shared Triton kernel
   (:func:`longkit.kernels.masked_attention` with a ``sink_window`` mask and the rotated
   ``q_global``/``k_global`` pair); everything else to the chunked PyTorch path
@@ -30,6 +33,13 @@ from ..errors import UnsupportedModelError
 from ..kernels.lambda_attn import LambdaPositions, chunked_lambda_attention
 from ..kernels.rope import naive_rope_rotate, rope_angles, rotate_with
 from .lm_infinite_cache import LMInfiniteCache, sink_columns
+from .lm_infinite_graph import install_runner, uninstall_runner
+from .lm_infinite_static import (
+    LMInfiniteStaticCache,
+    chunk_key_positions,
+    static_decode_attention,
+    static_layer_of,
+)
 
 ATTN_KEY = "longkit_lm_infinite"
 _STATE_ATTR = "_longkit_lm_infinite"
@@ -216,6 +226,20 @@ def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     cfg = state.cfg
     inv_freq = state.rotary.inv_freq
     position_ids = kwargs.get("position_ids")
+    static = static_layer_of(key)
+    if static is not None:  # LMInfiniteStaticCache decode step: fixed shapes, positions on the device
+        out = static_decode_attention(query, key, value, static, cfg.n_local, cfg.limit_distance, inv_freq, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    k_pos = chunk_key_positions(key)
+    if k_pos is not None:  # LMInfiniteStaticCache, several new tokens after the prompt: explicit positions
+        if position_ids is None:
+            raise UnsupportedModelError("lm_infinite needs `position_ids` in the attention kwargs")
+        q_pos = position_ids.to(query.device).long().expand(query.shape[0], query.shape[2])
+        out = chunked_lambda_attention(
+            query, key, value, LambdaPositions(q_pos, k_pos), n_global=cfg.n_global, n_local=cfg.n_local,
+            limit=cfg.limit_distance, inv_freq=inv_freq, scale=scaling, chunk=cfg.query_chunk,
+        )
+        return out.transpose(1, 2).contiguous(), None
     if query.shape[2] == 1 and position_ids is not None:
         out = _decode_path(query, key, value, attention_mask, position_ids, cfg, inv_freq, scaling)
         return out.transpose(1, 2).contiguous(), None
@@ -228,6 +252,10 @@ def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
             limit=cfg.limit_distance, inv_freq=inv_freq, scale=scaling, chunk=cfg.query_chunk,
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _graph_device_ok(model: nn.Module) -> bool:
+    return model.device.type == "cuda"
 
 
 def _kernel_available() -> bool:
@@ -309,12 +337,26 @@ def install(model: nn.Module, cfg: LMInfiniteConfig) -> dict[str, Any]:
             # cache_implementation is respected as given.
             if (model_kwargs.get("past_key_values") is None and generation_config.cache_implementation is None
                     and generation_config.use_cache is not False):
-                model_kwargs["past_key_values"] = LMInfiniteCache(
-                    n_layers, cfg.n_global, cfg.n_local, model_kwargs.get("attention_mask"))
+                mask = model_kwargs.get("attention_mask")
+                if cfg.decode == "eager":
+                    model_kwargs["past_key_values"] = LMInfiniteCache(n_layers, cfg.n_global, cfg.n_local, mask)
+                    return None
+                if cfg.decode == "cuda_graph" and not _graph_device_ok(self):
+                    raise UnsupportedModelError(
+                        f"LMInfiniteConfig(decode='cuda_graph') needs the model on a CUDA device, it is on "
+                        f"{self.device}; use decode='static' (same outputs, no graphs) elsewhere"
+                    )
+                model_kwargs["past_key_values"] = LMInfiniteStaticCache(
+                    n_layers, cfg.n_global, cfg.n_local, mask, graphable=cfg.decode == "cuda_graph")
                 return None
             return original(generation_config, model_kwargs, *args, **kwargs)
 
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    if cfg.decode == "cuda_graph":
+        # generate() routes one-token steps on a compileable cache through get_compiled_call: graph those
+        # of our static cache only (any other cache runs eagerly through the runner).
+        install_runner(model, accept=lambda cache: isinstance(cache, LMInfiniteStaticCache))
+        undo["graph_runner"] = True
     undo["touched"] = len(attns)
     return undo
 
@@ -326,4 +368,6 @@ def uninstall(model: nn.Module, undo: dict[str, Any]) -> None:
             delattr(m, _STATE_ATTR)
     if "prepare_cache" in undo and not undo["prepare_cache"]:
         model.__dict__.pop("_prepare_cache_for_generation", None)
+    if undo.get("graph_runner"):
+        uninstall_runner(model)
     model.set_attn_implementation(undo["attn_implementation"])

@@ -49,3 +49,77 @@ def test_cuda_left_padding_uses_reference_path_and_matches_cpu():
         out = model.cuda()(ids.cuda(), attention_mask=mask.cuda(), position_ids=pos.cuda()).logits.cpu()
     real = mask.bool()
     assert _rel(out[real], ref[real]) < 1e-3
+
+
+# --------------------------------------------------------------------------- static cache + CUDA graphs
+def _padded(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), t))
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, t - n:] = 1
+        ids[b, : t - n] = 0
+    return ids.cuda(), mask.cuda()
+
+
+def _gen(model, ids, mask, cfg, n_new=40):
+    longkit.apply_patches(model, lm_infinite=cfg)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                          output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("lengths", [[26, 17, 30], [5, 3, 8]], ids=["ring-full", "ring-fills"])
+def test_cuda_graph_generate_equals_eager_paths_fp32(model_type, lengths):
+    """Graph-replayed decoding gives the eager bounded cache's tokens; the graphs were captured and replayed."""
+    model = tiny_model(model_type).cuda()
+    model.generation_config.eos_token_id = None
+    ids, mask = _padded(model.config.vocab_size, lengths)
+    kw = dict(n_global=3, n_local=12)
+    ref = _gen(model, ids, mask, LMInfiniteConfig(**kw))
+    static = _gen(model, ids, mask, LMInfiniteConfig(**kw, decode="static"))
+    graph = _gen(model, ids, mask, LMInfiniteConfig(**kw, decode="cuda_graph"))
+    runner = model._longkit_graph_runner
+    phases = 1 if min(lengths) > 15 else 2
+    assert runner.stats["captures"] == phases and runner.stats["replays"] == 39 - phases, runner.stats
+    assert torch.equal(graph.sequences, ref.sequences) and torch.equal(static.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(graph.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(graph.scores), torch.stack(static.scores), atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graph_bf16_uses_maskless_flash_step_and_matches_static():
+    """bf16, head dim 64: the ring-full step passes no mask (flash-only SDPA accepts it); graph == eager static."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longkit.hf_patches.lm_infinite_static import LMInfiniteStaticCache
+
+    model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda().bfloat16()
+    model.generation_config.eos_token_id = None
+    ids, mask = _padded(model.config.vocab_size, [70, 52])
+    kw = dict(n_global=4, n_local=32)
+    static = _gen(model, ids, mask, LMInfiniteConfig(**kw, decode="static"), 48)
+    graph = _gen(model, ids, mask, LMInfiniteConfig(**kw, decode="cuda_graph"), 48)
+    assert torch.equal(graph.sequences, static.sequences)
+    ref = _gen(model, ids, mask, LMInfiniteConfig(**kw), 48)
+    assert (graph.sequences == ref.sequences).float().mean().item() > 0.95  # bf16: rare near-ties may differ
+    cache = graph.past_key_values
+    assert isinstance(cache, LMInfiniteStaticCache) and cache.graph_phase() == "full"
+    nxt = graph.sequences[:, -1:]
+    pos = (torch.cat([mask, torch.ones_like(graph.sequences[:, ids.shape[1]:])], 1).cumsum(-1) - 1)[:, -1:]
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        model(nxt, position_ids=pos, past_key_values=cache)  # raises if the step needed a mask
+
+
+def test_vanilla_static_cache_graphed_decode_matches_dynamic():
+    """The benchmark's vanilla baseline: HF StaticCache + the same runner equals HF's default generate."""
+    from longkit.hf_patches.lm_infinite_graph import graphed_decode
+
+    model = tiny_model("llama").cuda()
+    model.generation_config.eos_token_id = None
+    ids, mask = _padded(model.config.vocab_size, [20, 14])
+    gen = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **gen)
+    with graphed_decode(model) as runner:
+        out = model.generate(ids, cache_implementation="static", **gen)
+    assert runner.stats["captures"] == 1 and runner.stats["replays"] == 22, runner.stats
+    assert torch.equal(out, ref)
