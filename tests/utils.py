@@ -23,3 +23,14 @@ def tiny_model(model_type: str = "llama", dtype: torch.dtype = torch.float32, **
     cfg._attn_implementation = "sdpa"
     model = getattr(transformers, model_name)(cfg).to(dtype).eval()
     return model
+
+
+def left_padded(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids ``[B, max(lengths)]`` left-padded with id 0, and the matching 0/1 attention mask."""
+    t = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), t))
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, t - n:] = 1
+        ids[b, : t - n] = 0
+    return ids, mask

@@ -13,23 +13,13 @@ from longkit.hf_patches import get_patches
 from longkit.hf_patches.lm_infinite_cache import LMInfiniteCache
 from longkit.kernels.lambda_attn import LambdaPositions, chunked_lambda_attention, dense_lambda_attention
 from longkit.kernels.rope import naive_rope_rotate
-from tests.utils import tiny_model
+from tests.utils import left_padded, tiny_model
 
 MODEL_TYPES = ["llama", "qwen2", "qwen3", "mistral"]
 
 
 def _inv_freq(d: int, theta: float = 10000.0) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-
-
-def _left_padded(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    t = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), t))
-    mask = torch.zeros(len(lengths), t, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, t - n:] = 1
-        ids[b, : t - n] = 0
-    return ids, mask
 
 
 # --------------------------------------------------------------------------- reference math
@@ -119,7 +109,7 @@ def test_short_input_equals_unpatched(model_type):
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_left_padding_equals_unpatched(model_type):
     model = tiny_model(model_type)
-    ids, mask = _left_padded(model.config.vocab_size, [30, 21, 9])
+    ids, mask = left_padded(model.config.vocab_size, [30, 21, 9])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, position_ids=pos).logits
@@ -180,7 +170,7 @@ def test_cached_decoding_equals_full_forward(model_type):
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_bounded_generate_equals_full_cache_generate_with_left_padding(model_type):
     model = tiny_model(model_type)
-    ids, mask = _left_padded(model.config.vocab_size, [26, 17, 30])
+    ids, mask = left_padded(model.config.vocab_size, [26, 17, 30])
     gen = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
     longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=3, n_local=12, bounded_cache=False))
     full = model.generate(ids, attention_mask=mask, **gen)
@@ -218,7 +208,7 @@ def test_left_padded_generate_equals_recomputed_forward(bounded):
     """Every greedy token of a left-padded batch is the argmax of a fresh full forward (prefill path)."""
     model = tiny_model("llama")
     longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=3, n_local=10, bounded_cache=bounded))
-    ids, mask = _left_padded(model.config.vocab_size, [24, 15, 9])
+    ids, mask = left_padded(model.config.vocab_size, [24, 15, 9])
     model.generation_config.eos_token_id = None  # a random model may emit EOS; rows must not stop early
     out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     full_mask = torch.cat([mask, torch.ones(3, 20, dtype=mask.dtype)], dim=1)[:, :-1]

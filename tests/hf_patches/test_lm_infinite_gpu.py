@@ -7,7 +7,7 @@ import torch
 
 import longkit
 from longkit import LMInfiniteConfig
-from tests.utils import tiny_model
+from tests.utils import left_padded, tiny_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -53,12 +53,7 @@ def test_cuda_left_padding_uses_reference_path_and_matches_cpu():
 
 # --------------------------------------------------------------------------- static cache + CUDA graphs
 def _padded(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    t = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), t))
-    mask = torch.zeros(len(lengths), t, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, t - n:] = 1
-        ids[b, : t - n] = 0
+    ids, mask = left_padded(vocab, lengths)
     return ids.cuda(), mask.cuda()
 
 

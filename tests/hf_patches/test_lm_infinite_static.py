@@ -25,23 +25,13 @@ from longkit.hf_patches import lm_infinite as lmi
 from longkit.hf_patches import lm_infinite_static as lms
 from longkit.hf_patches.lm_infinite_graph import DecodeGraphRunner, graphed_decode, install_runner
 from longkit.hf_patches.lm_infinite_static import LMInfiniteStaticCache
-from tests.utils import tiny_model
+from tests.utils import left_padded, tiny_model
 
 aten = torch.ops.aten
 # Ops that read device memory on the host (a sync, illegal while capturing) or create a tensor from host data
 # (a host-to-device copy from pageable memory, also illegal while capturing).
 _FORBIDDEN = {aten._local_scalar_dense.default, aten.nonzero.default, aten.lift_fresh.default,
               aten.lift_fresh_copy.default, aten.equal.default, aten.is_nonzero.default}
-
-
-def _left_padded(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    t = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), t))
-    mask = torch.zeros(len(lengths), t, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, t - n:] = 1
-        ids[b, : t - n] = 0
-    return ids, mask
 
 
 def _generate(model, ids, mask, cfg, n_new):
@@ -63,7 +53,7 @@ CASES = {
 def test_static_generate_equals_eager_bounded_cache(model_type, case):
     model = tiny_model(model_type)
     model.generation_config.eos_token_id = None  # rows must not stop early
-    ids, mask = _left_padded(model.config.vocab_size, CASES[case])
+    ids, mask = left_padded(model.config.vocab_size, CASES[case])
     n_global, n_local, n_new = 3, 12, 40  # 40 new tokens: the 12-slot ring wraps several times
     ref = _generate(model, ids, mask, LMInfiniteConfig(n_global=n_global, n_local=n_local), n_new)
     out = _generate(model, ids, mask, LMInfiniteConfig(n_global=n_global, n_local=n_local, decode="static"), n_new)
@@ -82,7 +72,7 @@ def test_static_chunked_prefill_then_decode_equals_full_forward():
     model = tiny_model("llama")
     cfg = LMInfiniteConfig(n_global=3, n_local=10, decode="static")
     longkit.apply_patches(model, lm_infinite=cfg)
-    ids, mask = _left_padded(model.config.vocab_size, [36, 29])
+    ids, mask = left_padded(model.config.vocab_size, [36, 29])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = LMInfiniteStaticCache(model.config.num_hidden_layers, 3, 10, mask)
     with torch.no_grad():
@@ -216,7 +206,7 @@ def _route_decode_through_compiled_call(model) -> None:
 def test_cuda_graph_decode_step_is_capture_safe_and_exact(model_type, case, monkeypatch):
     model = tiny_model(model_type)
     model.generation_config.eos_token_id = None
-    ids, mask = _left_padded(model.config.vocab_size, CASES[case])
+    ids, mask = left_padded(model.config.vocab_size, CASES[case])
     ref = _generate(model, ids, mask, LMInfiniteConfig(n_global=3, n_local=12), 30)
     monkeypatch.setattr(lmi, "_graph_device_ok", lambda m: True)
     longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=3, n_local=12, decode="cuda_graph"))
@@ -241,7 +231,7 @@ def test_vanilla_static_cache_decode_step_is_capture_safe(monkeypatch):
 
     model = tiny_model("llama")
     model.generation_config.eos_token_id = None
-    ids, mask = _left_padded(model.config.vocab_size, [20, 14])
+    ids, mask = left_padded(model.config.vocab_size, [20, 14])
     gen = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
                return_dict_in_generate=True)
     ref = model.generate(ids, **gen)
@@ -276,7 +266,7 @@ def test_static_cache_reset_and_reuse_give_the_same_tokens():
     model = tiny_model("llama")
     model.generation_config.eos_token_id = None
     longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=3, n_local=12, decode="static"))
-    ids, mask = _left_padded(model.config.vocab_size, [20, 13])
+    ids, mask = left_padded(model.config.vocab_size, [20, 13])
     cache = LMInfiniteStaticCache(model.config.num_hidden_layers, 3, 12, mask)
     gen = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     first = model.generate(ids, past_key_values=cache, **gen)
