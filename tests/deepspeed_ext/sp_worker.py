@@ -198,6 +198,49 @@ def with_accelerate() -> dict:
     return {"ref_loss": ref_loss, "sp_loss": float(loss.detach()), "max_grad_err": err, "grad_scale": scale}
 
 
+def with_trainer() -> dict:
+    """SequenceParallelTrainer (HF Trainer + DeepSpeed ZeRO-2, SGD, clipping): final weights vs one process."""
+    import tempfile
+
+    from deepspeed.utils import safe_get_full_fp32_param
+    from torch.utils.data import DistributedSampler
+    from transformers import TrainingArguments
+
+    from longkit.deepspeed_ext.trainer import SequenceParallelTrainer
+
+    torch.manual_seed(SEED)
+    model = tiny_model("qwen3", num_key_value_heads=1).train()
+    gen = torch.Generator().manual_seed(SEED + 4)
+    data = [{"input_ids": torch.randint(3, 96, (23,), generator=gen)} for _ in range(6)]
+
+    def collate(items):
+        ids = torch.stack([it["input_ids"] for it in items])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    order = list(DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=11))
+    for i in range(3):
+        opt.zero_grad()
+        ref(**collate([data[j] for j in order[2 * i: 2 * i + 2]]), use_cache=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+              "optimizer": {"type": "SGD", "params": {"lr": 0.5, "momentum": 0.9}},
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}}}
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=3, learning_rate=0.5,
+                                 lr_scheduler_type="constant", deepspeed=config, use_cpu=True, report_to=[],
+                                 save_strategy="no", seed=11, data_seed=11, logging_steps=1, max_grad_norm=1.0)
+        trainer = SequenceParallelTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer.train()
+        engine = trainer.model_wrapped
+        err = max((safe_get_full_fp32_param(p).cpu() - q.detach()).abs().max().item()
+                  for p, q in zip(engine.module.parameters(), ref.parameters()))
+    return {"max_param_err": err}
+
+
 def errors() -> dict:
     """Messages of the errors that need a running process group."""
     from longkit.deepspeed_ext import initialize
@@ -232,7 +275,8 @@ def main() -> None:
     results = {}
     for name in names:
         try:
-            special = {"train_steps": train_steps, "errors": errors, "accelerate": with_accelerate}
+            special = {"train_steps": train_steps, "errors": errors, "accelerate": with_accelerate,
+                       "trainer": with_trainer}
             results[name] = special[name]() if name in special else run(name)
         except Exception as e:  # reported per scenario so one failure does not hide the others
             import traceback

@@ -29,7 +29,7 @@ def results(tmp_path_factory):
     env = {**os.environ, "LONGKIT_SP_SEED": str(seed), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29500 + seed % 1000), str(HERE / "sp_worker.py"), str(out), *SCENARIOS, "train_steps", "errors",
-           "accelerate"]
+           "accelerate", "trainer"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"seed {seed}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     per_rank = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(2)]
@@ -67,6 +67,15 @@ def test_accelerate_deepspeed_plugin_path(results):
         assert "error" not in r, f"seed {seed}: {r.get('trace', r['error'])}"
         assert abs(r["sp_loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (seed, r)
         assert r["max_grad_err"] <= 1e-5 * r["grad_scale"], (seed, r)
+
+
+def test_hf_trainer_subclass(results):
+    """SequenceParallelTrainer: 3 Trainer steps (ZeRO-2, SGD + momentum, clipping) give the one-process weights."""
+    seed, per_rank = results
+    for res in per_rank:
+        r = res["trainer"]
+        assert "error" not in r, f"seed {seed}: {r.get('trace', r['error'])}"
+        assert r["max_param_err"] < 1e-5, (seed, r)
 
 
 def test_clear_errors_under_a_process_group(results):
