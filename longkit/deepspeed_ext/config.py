@@ -27,7 +27,8 @@ __all__ = ["SECTION", "SequenceParallelConfig", "ActivationOffloadConfig", "Long
 SECTION = "longkit"
 _EXAMPLE = '"longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}}'
 _SP_MODES = ("ulysses",)
-_SP_MODES_LATER = ("lasp2",)  # accepted names that are not built yet -> NotImplementedError, not "unknown"
+_SP_MODES_LATER = ("lasp2",)
+_ATTENTION = ("auto", "kernel", "sdpa")  # accepted names that are not built yet -> NotImplementedError, not "unknown"
 
 
 def _check_keys(where: str, given: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -45,6 +46,11 @@ class SequenceParallelConfig:
         size: ranks per sequence-parallel group (1 turns sequence parallelism off). The world size must be
             a multiple of it; consecutive ranks form a group (keep a group inside one node: all-to-all is
             bandwidth-bound).
+        attention: the attention over the gathered sequence: ``"kernel"`` (longkit's masked-attention
+            kernel; its PyTorch reference on CPU), ``"sdpa"`` (``F.scaled_dot_product_attention`` with
+            ``is_causal``; only for rows without packing or padding), or ``"auto"``: SDPA where it applies
+            (PyTorch's fastest causal backend, e.g. cuDNN/flash on Hopper), the kernel for packed documents
+            and padding (which SDPA could only take as a dense T x T mask).
 
     Sequences whose length is not a multiple of ``size`` are padded at the end by
     :meth:`~longkit.deepspeed_ext.SequenceParallel.shard_batch` (label -100; causal attention keeps the
@@ -53,13 +59,14 @@ class SequenceParallelConfig:
 
     mode: str = "ulysses"
     size: int = 1
+    attention: str = "auto"
 
     @classmethod
     def from_dict(cls, d: Any) -> SequenceParallelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"longkit.sequence_parallel must be an object, got {type(d).__name__}. "
                               f"Example: {_EXAMPLE}")
-        _check_keys("longkit.sequence_parallel", d, ("mode", "size"))
+        _check_keys("longkit.sequence_parallel", d, ("mode", "size", "attention"))
         mode = d.get("mode", "ulysses")
         if mode in _SP_MODES_LATER:
             raise NotImplementedError(f"longkit.sequence_parallel.mode={mode!r} is not built yet (see README); "
@@ -69,7 +76,11 @@ class SequenceParallelConfig:
         size = d.get("size", 1)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"longkit.sequence_parallel.size must be a positive integer, got {size!r}")
-        return cls(mode=mode, size=size)
+        attention = d.get("attention", "auto")
+        if attention not in _ATTENTION:
+            raise ConfigError(f"longkit.sequence_parallel.attention must be one of {list(_ATTENTION)}, got "
+                              f"{attention!r}")
+        return cls(mode=mode, size=size, attention=attention)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ class SequenceParallel:
         """Install Ulysses attention and the loss reduction on this model instance (no-op for size 1)."""
         if self.size == 1 or hasattr(model, _HOOKS_ATTR):
             return model
-        undo = ulysses.install(model, self.group, self.rank, self.size)
+        undo = ulysses.install(model, self.group, self.rank, self.size, self.config.attention)
         undo["loss_hook"] = model.register_forward_hook(self._reduce_output_loss, with_kwargs=True)
         setattr(model, _HOOKS_ATTR, undo)
         return model

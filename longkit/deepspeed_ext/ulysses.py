@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -32,6 +33,7 @@ class _UlyssesState:
     group: Any
     layouts: LayoutCache
     kv_index: torch.Tensor | None
+    attention: str  # "auto" | "kernel" | "sdpa"
 
 
 def ulysses_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -76,13 +78,28 @@ def ulysses_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         idx = state.kv_index.to(k.device)
         k, v = k.index_select(1, idx), v.index_select(1, idx)
     _, h, T, D = q.shape
-    if layout.flatten:  # rows -> one packed row (documents mask is single-row)
-        q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], B * T, D) for x in (q, k, v))
-    out = masked_attention(q, k, v, mask=layout.mask, scale=scaling)
-    if layout.flatten:
-        out = out.reshape(h, B, T, D).transpose(0, 1)
+    if not layout.flatten and state.attention in ("auto", "sdpa"):
+        out = _sdpa_causal(q, k, v, scaling)
+    elif state.attention == "sdpa":
+        raise UnsupportedModelError("longkit.sequence_parallel.attention='sdpa' takes plain causal rows only; "
+                                    "packed documents or padding need 'kernel' or 'auto'")
+    else:
+        if layout.flatten:  # rows -> one packed row (documents mask is single-row)
+            q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], B * T, D) for x in (q, k, v))
+        out = masked_attention(q, k, v, mask=layout.mask, scale=scaling)
+        if layout.flatten:
+            out = out.reshape(h, B, T, D).transpose(0, 1)
     out = heads_to_seq(out, state.plan, state.rank, state.group)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal SDPA; KV heads are repeated to the query heads first (as HF's sdpa path does), because not
+    every fused backend takes grouped heads and the fallback would be the O(T^2)-memory math kernel."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def _register_with_transformers() -> None:
@@ -123,14 +140,17 @@ def _require_position_ids(module: nn.Module, args: tuple, kwargs: dict) -> None:
                          "pass the batch through SequenceParallel.shard_batch(...)")
 
 
-def install(model: nn.Module, group: Any, rank: int, world: int) -> dict[str, Any]:
-    """Switch this model instance to Ulysses attention over ``group`` (``world`` ranks, this one ``rank``)."""
+def install(model: nn.Module, group: Any, rank: int, world: int, attention: str = "auto") -> dict[str, Any]:
+    """Switch this model instance to Ulysses attention over ``group`` (``world`` ranks, this one ``rank``).
+
+    ``attention``: ``"auto"``, ``"kernel"`` or ``"sdpa"`` (see ``SequenceParallelConfig.attention``).
+    """
     attns = _attention_modules(model)
     text = model.config.get_text_config()
     plan = HeadPlan.build(text.num_attention_heads, getattr(text, "num_key_value_heads", None)
                           or text.num_attention_heads, world)
     _register_with_transformers()
-    state = _UlyssesState(plan, rank, group, LayoutCache(group, world), plan.local_kv_index(rank))
+    state = _UlyssesState(plan, rank, group, LayoutCache(group, world), plan.local_kv_index(rank), attention)
     undo = {"attn_implementation": model.config._attn_implementation, "modules": attns}
     for m in attns:
         setattr(m, _STATE_ATTR, state)

@@ -38,6 +38,9 @@ SCENARIOS = {
                      "plain", 1, 26, 0, "fp32"),
     "llama_bf16_z2": ("llama", {}, "plain", 2, 32, 2, "bf16"),
     "llama_ckpt_z2": ("llama", {}, "packed", 1, 40, 2, "fp32"),  # + gradient checkpointing (recompute)
+    # attention="kernel": plain causal rows through longkit's kernel (reference on CPU) instead of SDPA
+    "llama_kernel_z1": ("llama", {}, "plain", 2, 32, 1, "fp32"),
+    "qwen3_kernel_uneven_len": ("qwen3", {"num_key_value_heads": 1}, "plain", 1, 29, 0, "fp32"),
 }
 
 
@@ -98,7 +101,8 @@ def run(name: str) -> dict:
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
-        "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}},
+        "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2,
+                                          "attention": "kernel" if "kernel" in name else "auto"}},
     }
     if dtype == "bf16":
         config["bf16"] = {"enabled": True}
@@ -260,8 +264,14 @@ def errors() -> dict:
         except Exception as e:  # noqa: BLE001
             got[key] = f"{type(e).__name__}: {e}"
     model = tiny_model("llama").train()
-    engine, *_ = initialize(model, {**base, "longkit": {"sequence_parallel": {"size": 2}}},
-                            model_parameters=model.parameters())
+    engine, *_, sp = initialize(model, {**base, "longkit": {"sequence_parallel": {"size": 2, "attention": "sdpa"}}},
+                                model_parameters=model.parameters())
+    packed = make_batch("packed", 1, 40, 96, torch.Generator().manual_seed(0))
+    try:
+        engine(**sp.shard_batch(packed))
+        got["sdpa_with_packing"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        got["sdpa_with_packing"] = f"{type(e).__name__}: {e}"
     try:
         engine(input_ids=torch.randint(0, 96, (1, 8)))
         got["no_position_ids"] = "no error"

@@ -86,3 +86,5 @@ def test_clear_errors_under_a_process_group(results):
     assert got["train_batch_size"].startswith("ConfigError") and "train_micro_batch_size_per_gpu" in \
         got["train_batch_size"]
     assert got["no_position_ids"].startswith("ValueError") and "shard_batch" in got["no_position_ids"]
+    assert got["sdpa_with_packing"].startswith("UnsupportedModelError") and "'kernel' or 'auto'" in \
+        got["sdpa_with_packing"]

@@ -29,8 +29,9 @@ def group():
     return dist.group.WORLD
 
 
-@pytest.mark.parametrize("kind", ["plain", "packed", "right_pad"])
-def test_cuda_path_matches_sdpa(group, kind):
+@pytest.mark.parametrize("kind, attention", [("plain", "auto"), ("plain", "kernel"), ("packed", "auto"),
+                                             ("right_pad", "auto")])
+def test_cuda_path_matches_sdpa(group, kind, attention):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from longkit.deepspeed_ext import SequenceParallel, SequenceParallelConfig, ulysses
@@ -40,7 +41,7 @@ def test_cuda_path_matches_sdpa(group, kind):
     cfg._attn_implementation = "sdpa"
     ref = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).train()
     model = copy.deepcopy(ref)
-    undo = ulysses.install(model, group, rank=0, world=1)
+    undo = ulysses.install(model, group, rank=0, world=1, attention=attention)
     B, T = (1, 2048) if kind == "packed" else (2, 1500)
     ids = torch.randint(0, 1000, (B, T), device="cuda")
     batch = {"input_ids": ids, "labels": ids.clone()}

@@ -19,7 +19,7 @@ def test_config_defaults_and_values(tmp_path):
     cfg = {"zero_optimization": {"stage": 2}, "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 4}}}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
-    assert parse_ds_config(path).sequence_parallel == SequenceParallelConfig("ulysses", 4)
+    assert parse_ds_config(path).sequence_parallel == SequenceParallelConfig("ulysses", 4, "auto")
 
 
 @pytest.mark.parametrize("section, exc, words", [
@@ -28,6 +28,7 @@ def test_config_defaults_and_values(tmp_path):
     ({"sequence_parallel": {"size": "2"}}, ConfigError, "positive integer"),
     ({"sequence_parallel": {"size": True}}, ConfigError, "positive integer"),
     ({"sequence_parallel": {"mode": "ring"}}, ConfigError, "must be one of ['ulysses']"),
+    ({"sequence_parallel": {"attention": "flash"}}, ConfigError, "must be one of ['auto', 'kernel', 'sdpa']"),
     ({"sequence_parallel": {"mode": "ulysses", "sise": 2}}, ConfigError, "unknown key(s) ['sise']"),
     ({"sequence_parallel": {"mode": "lasp2", "size": 2}}, NotImplementedError, "not built yet"),
     ({"activation_offload": {"enabled": True}}, NotImplementedError, "not built yet"),
