@@ -7,16 +7,19 @@ ZeRO-2, torch AdamW, non-reentrant gradient checkpointing on every layer, micro-
 allocator per entry), e.g.
 
 * ``none:32768``   plain DeepSpeed data parallelism, every GPU trains its own 32k sample (SP=1);
-* ``longkit:65536`` longkit Ulysses over all GPUs (``"longkit": {"sequence_parallel": ...}``), 64k per sample;
+* ``longkit:65536`` longkit Ulysses over all GPUs (``"longkit": {"sequence_parallel": ...}``), 64k per sample
+  (``attention: "auto"``: causal SDPA on the gathered sequence); ``longkit_kernel:65536`` the same with
+  longkit's Triton masked-attention kernel;
 * ``alst:65536``   DeepSpeed 0.19.8's ``UlyssesSPAttentionHF`` + ``UlyssesSPDataLoaderAdapter`` (sdpa);
 * ``none@1:8192``  one process only (the exact-loss check against ``longkit:8192`` on the same samples).
 
 Reported per entry: median step time (after ``--warmup`` steps), tokens/s per GPU, peak GiB per GPU, the
 per-step losses. ``--max-len IMPL...`` doubles the sequence from ``--max-start`` until a step fails (OOM) and
-reports the largest that trained. Baselines: ``none`` and ``alst`` run HF's ``sdpa`` attention (PyTorch picks
-flash/cuDNN on H100/H200), longkit runs its Triton masked-attention kernel.
+reports the largest that trained. ``none``, ``alst`` and ``longkit`` run PyTorch SDPA for the attention itself
+(PyTorch picks flash/cuDNN on H100/H200), ``longkit_kernel`` longkit's Triton kernel.
 
-    python benchmarks/ulysses.py --gpus 2 --runs none:32768 longkit:65536 alst:65536 none@1:8192 longkit:8192
+    python benchmarks/ulysses.py --gpus 2 --runs none:32768 longkit:65536 longkit_kernel:65536 alst:65536 \
+        none@1:8192 longkit:8192 --max-len none longkit alst
     python benchmarks/ulysses.py --gpus 2 --shape tiny --runs none:256 longkit:512 alst:512 none@1:256 longkit:256
 """
 
@@ -93,10 +96,11 @@ def _worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
         losses.append(round(float(loss), 5))
 
-    if args.impl in ("none", "longkit"):
+    if args.impl in ("none", "longkit", "longkit_kernel"):
         from longkit.deepspeed_ext import initialize
 
-        ds_config["longkit"] = {"sequence_parallel": {"mode": "ulysses", "size": sp_size}}
+        attention = "kernel" if args.impl == "longkit_kernel" else "auto"
+        ds_config["longkit"] = {"sequence_parallel": {"mode": "ulysses", "size": sp_size, "attention": attention}}
         engine, _, _, _, sp = initialize(model, ds_config, model_parameters=model.parameters())
 
         def step(ids):
@@ -175,7 +179,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=2, help="processes per entry (GPUs, or CPU processes with gloo)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
-    ap.add_argument("--runs", nargs="*", default=[], help="entries IMPL[@NPROC]:SEQ (impl: none, longkit, alst)")
+    ap.add_argument("--runs", nargs="*", default=[],
+                    help="entries IMPL[@NPROC]:SEQ (impl: none, longkit, longkit_kernel, alst)")
     ap.add_argument("--max-len", nargs="*", default=[], help="impls whose max trainable length to search")
     ap.add_argument("--max-start", type=int, default=32768)
     ap.add_argument("--max-limit", type=int, default=1 << 21)

@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_benchmark_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "ulysses.py"), "--gpus", "2", "--shape", "tiny", "--runs",
-           "none@1:128", "longkit:128", "alst:128", "--warmup", "0", "--steps", "2", "--out-dir", str(tmp_path)]
+           "none@1:128", "longkit:128", "longkit_kernel:128", "alst:128", "--warmup", "0", "--steps", "2",
+           "--out-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "ulysses.json").read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["none", "longkit", "alst"]
+    assert [r["impl"] for r in rows] == ["none", "longkit", "longkit_kernel", "alst"]
     assert all(r["error"] is None and r["step_s"] > 0 for r in rows), rows
     # Same samples, same weights: longkit SP=2 reproduces the one-process losses; so does ALST.
     for r in rows[1:]:
