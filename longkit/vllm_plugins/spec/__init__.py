@@ -1,0 +1,29 @@
+"""Model-free speculative decoding for vLLM: suffix matching + copying (see ``docs/vllm_spec.md``).
+
+Pure-Python parts (no vLLM import): :class:`SuffixAutomaton`, :class:`OutputCache`,
+:class:`SuffixDrafter`, :class:`SuffixSpecConfig`, :class:`BatchDrafter`, :func:`replay`. :class:`SuffixProposer` is the
+class vLLM instantiates (``custom_class``); it imports vLLM only when constructed.
+"""
+
+from .automaton import SuffixAutomaton
+from .cache import OutputCache
+from .config import SuffixSpecConfig
+from .drafter import DraftStats, SuffixDrafter
+from .method import METHOD
+from .proposer import PROPOSER_PATH, BatchDrafter, SuffixProposer, worker_drafter_state
+from .simulate import ReplayResult, replay
+
+__all__ = [
+    "METHOD",
+    "PROPOSER_PATH",
+    "BatchDrafter",
+    "DraftStats",
+    "OutputCache",
+    "ReplayResult",
+    "SuffixAutomaton",
+    "SuffixDrafter",
+    "SuffixProposer",
+    "SuffixSpecConfig",
+    "replay",
+    "worker_drafter_state",
+]

@@ -1,0 +1,195 @@
+"""The drafter as a vLLM proposer (``custom_class`` contract), plus the one runner hook it needs.
+
+vLLM's ``custom_class`` route builds ``SuffixProposer(vllm_config)`` in each worker and calls
+``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=...)``: rows of the
+runner's input batch, but no request ids and no notice when a request finishes. Suffix decoding needs
+both (per-request state keyed by id, freed when the request ends). The proposer therefore wraps
+``GPUModelRunner._update_states`` (which vLLM's CPU runner inherits) once per process: after the runner
+applies each scheduler step, the wrapper hands the drafter the runner's ``input_batch`` (its
+``req_ids`` name the rows ``propose`` gets) and the step's ``finished_req_ids``. The wrapper is inert for
+every other drafter; it is installed only when a ``SuffixProposer`` is built, i.e. only by users who
+asked for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+from .config import SuffixSpecConfig
+from .drafter import SuffixDrafter
+
+__all__ = ["PROPOSER_PATH", "BatchDrafter", "SuffixProposer", "install_runner_hook", "worker_drafter_state"]
+
+PROPOSER_PATH = "longkit.vllm_plugins.spec.SuffixProposer"
+_HOOK_TAG = "longkit.spec.runner_update_states"
+
+
+class BatchDrafter:
+    """:class:`SuffixDrafter` behind vLLM's input-batch protocol (no vLLM import; unit-testable).
+
+    Args:
+        config: drafter options.
+        max_model_len: the model's context limit; drafts never run past it.
+    """
+
+    def __init__(self, config: SuffixSpecConfig, max_model_len: int) -> None:
+        self.drafter = SuffixDrafter(config)
+        self.max_model_len = int(max_model_len)
+        self._batch: Any = None
+
+    def on_update_states(
+        self, input_batch: Any, finished_req_ids: Iterable[Hashable], live_req_ids: Iterable[Hashable] | None = None
+    ) -> None:
+        """Called by the runner hook after each scheduler step is applied.
+
+        Args:
+            input_batch: the runner's persistent batch (``req_ids``, ``num_prompt_tokens``, ``token_ids_cpu``).
+            finished_req_ids: requests that finished or were aborted: their state is freed now.
+            live_req_ids: every request the runner still holds (scheduled or not); state of any other
+                request is freed as well, so nothing can leak if a finish notice is missed.
+        """
+        self._batch = input_batch
+        for req_id in finished_req_ids:
+            self.drafter.finish(req_id)
+        if live_req_ids is not None:
+            live = live_req_ids if isinstance(live_req_ids, set | dict) else set(live_req_ids)
+            for req_id in [r for r in self.drafter.active_requests if r not in live]:
+                self.drafter.finish(req_id)
+
+    def propose(
+        self,
+        sampled_token_ids: Sequence[Sequence[int]],
+        num_tokens_no_spec: Sequence[int],
+        token_ids_cpu: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> list[list[int]]:
+        """Drafts for each row of the batch (vLLM's ``custom_class`` call; extra arguments are ignored).
+
+        Args:
+            sampled_token_ids: per row, the tokens accepted this step (empty = partial prefill: no draft).
+            num_tokens_no_spec: per row, committed tokens (prompt + output, new ones included).
+            token_ids_cpu: ``[max_num_reqs, max_model_len]`` token ids of the persistent batch.
+
+        Returns:
+            One list of draft token ids per row (possibly empty, lengths vary).
+        """
+        batch = self._batch
+        if batch is None:
+            raise RuntimeError(
+                "longkit SuffixProposer.propose was called before the runner hook bound the input batch: "
+                "this vLLM runner does not call GPUModelRunner._update_states (unsupported runner/platform)"
+            )
+        if token_ids_cpu is not batch.token_ids_cpu:
+            raise RuntimeError(
+                "longkit SuffixProposer: token_ids_cpu is not the bound input batch's array; refusing to draft "
+                "with request ids that may not match the rows"
+            )
+        req_ids = batch.req_ids
+        num_prompt = batch.num_prompt_tokens
+        drafts: list[list[int]] = []
+        for i, sampled in enumerate(sampled_token_ids):
+            if len(sampled) == 0:
+                drafts.append([])
+                continue
+            req_id = req_ids[i]
+            n = int(num_tokens_no_spec[i])
+            self.drafter.update(req_id, token_ids_cpu[i, :n], int(num_prompt[i]))
+            room = self.max_model_len - n - 1
+            drafts.append(self.drafter.propose(req_id, room) if room > 0 else [])
+        return drafts
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        """No model to load (vLLM calls this on every drafter)."""
+
+
+def install_runner_hook() -> bool:
+    """Wrap ``GPUModelRunner._update_states`` so a :class:`BatchDrafter` sees request ids (idempotent).
+
+    Returns:
+        ``True`` if installed now, ``False`` if already installed in this process.
+
+    Raises:
+        HostVersionError: the runner has no ``_update_states(scheduler_output)`` (vLLM changed).
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from ...errors import HostVersionError
+    from ..patching import wrap_method
+
+    fn = GPUModelRunner.__dict__.get("_update_states")
+    if fn is None or "scheduler_output" not in inspect.signature(fn).parameters:
+        raise HostVersionError(
+            "longkit's suffix drafter needs vllm's GPUModelRunner._update_states(scheduler_output) "
+            "(present in vllm 0.32); this vLLM has a different runner"
+        )
+
+    def make(orig: Any) -> Any:
+        def _update_states(self: Any, scheduler_output: Any) -> Any:
+            out = orig(self, scheduler_output)
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, BatchDrafter):
+                drafter.on_update_states(self.input_batch, scheduler_output.finished_req_ids, self.requests)
+            return out
+
+        return _update_states
+
+    return wrap_method(GPUModelRunner, "_update_states", make, _HOOK_TAG)
+
+
+class SuffixProposer(BatchDrafter):
+    """vLLM proposer: ``--speculative-config '{"method": "longkit_suffix", "num_speculative_tokens": 16}'``.
+
+    Equivalent without the plugin's method name:
+    ``{"method": "custom_class", "model": "longkit.vllm_plugins.spec.SuffixProposer", ...}``.
+
+    Args:
+        vllm_config: vLLM's ``VllmConfig`` (``speculative_config``, ``additional_config``, ``model_config``).
+
+    Raises:
+        HostVersionError: vLLM is outside the supported range or its runner lacks the hook point.
+        ConfigError: a drafter option is invalid.
+    """
+
+    def __init__(self, vllm_config: Any) -> None:
+        from ..._compat import require_host
+
+        require_host("vllm", "longkit's suffix drafter (method 'longkit_suffix')")
+        config = SuffixSpecConfig.from_vllm(vllm_config.speculative_config, vllm_config.additional_config)
+        super().__init__(config, vllm_config.model_config.max_model_len)
+        install_runner_hook()
+
+
+def worker_drafter_state(worker: Any) -> dict[str, Any] | None:
+    """Snapshot of the longkit drafter in one vLLM worker, for ``LLM.collective_rpc``.
+
+    Examples::
+
+        >>> llm.collective_rpc(worker_drafter_state)   # needs VLLM_ALLOW_INSECURE_SERIALIZATION=1
+        [{'active_requests': [], 'cached_requests': 8, ...}]
+
+    Returns:
+        ``None`` if the worker has no longkit drafter, else active request ids, global-cache size,
+        draft counters, and whether the plugin and the runner hook are active in that process.
+    """
+    from .. import is_registered
+    from ..patching import is_wrapped
+
+    runner = getattr(worker, "model_runner", None)
+    drafter = getattr(runner, "drafter", None)
+    if not isinstance(drafter, BatchDrafter):
+        return None
+    d = drafter.drafter
+    return {
+        "plugin_registered": is_registered(),
+        "runner_hooked": any(is_wrapped(c, "_update_states", _HOOK_TAG) for c in type(runner).__mro__),
+        "active_requests": sorted(str(r) for r in d.active_requests),
+        "cached_requests": len(d.cache),
+        "cached_tokens": d.cache.num_tokens,
+        "drafts": d.stats.drafts,
+        "draft_tokens": d.stats.draft_tokens,
+        "accepted_tokens": d.stats.accepted_tokens,
+        "by_source": {"local": d.stats.by_source[0], "global": d.stats.by_source[1]},
+    }
