@@ -145,19 +145,13 @@ def build_workloads(tokenizer: Any, n_code: int, n_chat: int) -> dict[str, list[
     return {"code_edit": code_edit, "reasked": code_edit, "refine": refine, "variation": variation, "chat": chat}
 
 
-def _spec_counters(llm: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value"):
-            out[m.name.removeprefix("vllm:spec_decode_")] = float(m.value)
-    return out
-
-
 def worker(job_path: str, out_path: str) -> None:
     """Run every workload with one method in this process (a fresh engine)."""
     job = json.loads(Path(job_path).read_text())
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from longkit.vllm_plugins.spec import spec_decode_counters
 
     t0 = time.perf_counter()
     llm = LLM(
@@ -180,11 +174,11 @@ def worker(job_path: str, out_path: str) -> None:
     results = {"init_s": init_s, "workloads": {}}
     for name, prompts in job["workloads"].items():
         params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"][name])
-        before = _spec_counters(llm)
+        before = spec_decode_counters(llm)
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         wall = time.perf_counter() - t
-        after = _spec_counters(llm)
+        after = spec_decode_counters(llm)
         results["workloads"][name] = {
             "wall_s": wall,
             "tokens": [list(o.outputs[0].token_ids) for o in outs],

@@ -116,10 +116,9 @@ def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     out = all_to_all_flat(torch.cat(pieces), send, recv, group)
     # out = [source 0: q | k | v][source 1: q | k | v]...; source s holds sequence chunk s.
     per_src = out.view(plan.world, -1)
-    shape = (plan.world, B, -1, t_local, D)
-    q_full = per_src[:, : unit * nq].reshape(shape[0], B, nq, t_local, D)
-    k_full = per_src[:, unit * nq: unit * (nq + nkv)].reshape(shape[0], B, nkv, t_local, D)
-    v_full = per_src[:, unit * (nq + nkv):].reshape(shape[0], B, nkv, t_local, D)
+    q_full = per_src[:, : unit * nq].reshape(plan.world, B, nq, t_local, D)
+    k_full = per_src[:, unit * nq: unit * (nq + nkv)].reshape(plan.world, B, nkv, t_local, D)
+    v_full = per_src[:, unit * (nq + nkv):].reshape(plan.world, B, nkv, t_local, D)
 
     def _join(x: torch.Tensor) -> torch.Tensor:  # [P, B, h, T/P, D] -> [B, h, T, D]
         return x.permute(1, 2, 0, 3, 4).reshape(B, x.shape[2], plan.world * t_local, D)

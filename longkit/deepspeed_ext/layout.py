@@ -41,7 +41,6 @@ def build_layout(position_ids: torch.Tensor, padding: torch.Tensor | None = None
     pos = position_ids.long()
     B, T = pos.shape
     starts = torch.zeros(B, T, dtype=torch.bool, device=pos.device)
-    starts[:, 0] = True
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     if padding is not None:
         pad = padding.bool()

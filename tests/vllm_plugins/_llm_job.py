@@ -15,20 +15,13 @@ import json
 import sys
 
 
-def _spec_counters(llm) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode") and hasattr(m, "value"):
-            out[m.name.removeprefix("vllm:")] = float(m.value)
-    return out
-
-
 def main(job_path: str, out_path: str) -> None:
     job = json.load(open(job_path))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     import longkit.vllm_plugins as plugins
+    from longkit.vllm_plugins.spec import spec_decode_counters
 
     llm = LLM(
         model=job["model"],
@@ -47,7 +40,7 @@ def main(job_path: str, out_path: str) -> None:
         params = [SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True) for r in rnd]
         outs = llm.generate(prompts, params, use_tqdm=False)
         result["rounds"].append([list(o.outputs[0].token_ids) for o in outs])
-    result["spec"] = _spec_counters(llm)
+    result["spec"] = spec_decode_counters(llm)
     if job.get("drafter_state"):
         from longkit.vllm_plugins.spec.proposer import worker_drafter_state
 

@@ -10,7 +10,7 @@ from .cache import OutputCache
 from .config import SuffixSpecConfig
 from .drafter import DraftStats, SuffixDrafter
 from .method import METHOD
-from .proposer import PROPOSER_PATH, BatchDrafter, SuffixProposer, worker_drafter_state
+from .proposer import PROPOSER_PATH, BatchDrafter, SuffixProposer, spec_decode_counters, worker_drafter_state
 from .simulate import ReplayResult, replay
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "SuffixProposer",
     "SuffixSpecConfig",
     "replay",
+    "spec_decode_counters",
     "worker_drafter_state",
 ]

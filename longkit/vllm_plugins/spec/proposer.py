@@ -162,6 +162,16 @@ class SuffixProposer(BatchDrafter):
         install_runner_hook()
 
 
+def spec_decode_counters(llm: Any) -> dict[str, float]:
+    """vLLM's speculative-decoding counters of an ``LLM`` (``disable_log_stats=False``), e.g.
+    ``{"num_drafts": ..., "num_draft_tokens": ..., "num_accepted_tokens": ...}`` (cumulative)."""
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value"):
+            out[m.name.removeprefix("vllm:spec_decode_")] = float(m.value)
+    return out
+
+
 def worker_drafter_state(worker: Any) -> dict[str, Any] | None:
     """Snapshot of the longkit drafter in one vLLM worker, for ``LLM.collective_rpc``.
 
