@@ -57,6 +57,7 @@ class Case:
 
 
 CU = torch.tensor([0, 5, 5, 6, 30, 60])  # an empty and a one-token document
+CU_LONG = torch.tensor([0, 70, 71, 150])
 CASES = [
     Case("causal", causal(), Tq=1, Tk=1),
     Case("causal", causal(), Tq=17, Tk=17),
@@ -77,6 +78,14 @@ CASES = [
          Tq=60, Tk=60, D=24),
     Case("docs_prefix_sink", documents(CU) & shared_prefix(torch.tensor([[1, 3], [0, 0], [0, 1], [8, 15], [4, 12]]))
          & sink_window(1, 9), Tq=60, Tk=60),
+    # long enough (vs the interpreter's 16x16 tiles) for every backward loop to run: masked diagonal,
+    # unmasked middle (kv blocks seen whole by later query blocks), masked window edge / document end
+    Case("wide_window", sink_window(3, 45), Hq=4, Hkv=2, Tq=130, Tk=130),
+    Case("wide_window_offset", sink_window(5, 40, q_offset=37), Tq=93, Tk=130, use_global=True),
+    Case("long_documents", documents(CU_LONG), Tq=150, Tk=150),
+    Case("long_documents_window", documents(CU_LONG) & sink_window(2, 37), Tq=150, Tk=150, D=24),
+    Case("prefix_window_global", shared_prefix(torch.tensor([[40, 70]])) & sink_window(2, 50), Tq=120, Tk=120,
+         use_global=True),
 ]
 
 

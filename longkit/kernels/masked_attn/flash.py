@@ -176,6 +176,63 @@ def _iters_before(x, start, end, ga0, gal, gb0, gbl):
 
 
 @triton.jit
+def _sched_block(it, start, ga0, gal, gb0, gbl):
+    """kv block index of scheduled iteration ``it`` (skips the two gaps)."""
+    blk = start + it
+    blk = _sel(blk >= ga0, blk + gal, blk)
+    return _sel(blk >= gb0, blk + gbl, blk)
+
+
+@triton.jit
+def _split_q_block(p0, p1, lo1, start, end, ga0, gal, gb0, gbl, n_local,
+                   BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   FAST_PATH: tl.constexpr):
+    """Split a query block's schedule into ``[0, n_head)`` partially visible head blocks (sinks, window
+    edge, document start), ``[n_head, n_tail)`` fully visible blocks and ``[n_tail, n_iter)`` diagonal blocks."""
+    n_iter = end - start - gal - gbl
+    head_blk = start * 0
+    if HAS_WINDOW:
+        head_blk = tl.maximum(head_blk, _sel(p1 >= n_local, (p1 - n_local) // BLOCK_N + 1, 0))
+    if HAS_DOCS:
+        head_blk = tl.maximum(head_blk, (lo1 + BLOCK_N - 1) // BLOCK_N)
+    n_head = _iters_before(head_blk, start, end, ga0, gal, gb0, gbl)
+    n_tail = tl.maximum(n_head, _iters_before((p0 + 1) // BLOCK_N, start, end, ga0, gal, gb0, gbl))
+    if not FAST_PATH:
+        n_head = n_iter
+        n_tail = n_iter
+    return n_iter, n_head, n_tail
+
+
+@triton.jit
+def _split_kv_block(j0, j1, ds0, ds1, de, m_start, m_end, q_offset, n_global, n_local,
+                    BLOCK_M: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                    FAST_PATH: tl.constexpr):
+    """For kv block ``[j0, j1]``: query blocks ``[mid_lo, mid_hi)`` of ``[m_start, m_end)`` that see every key
+    of it (no elementwise mask needed, except shared-prefix holes checked at run time); the rest are
+    partially visible: the diagonal before, the window edge / document end after."""
+    # causal: first query of the block at or past the last key
+    mid_lo = tl.maximum(m_start, (tl.maximum(j1 - q_offset, 0) + BLOCK_M - 1) // BLOCK_M)
+    mid_hi = m_end
+    if HAS_WINDOW:
+        # keys that are all sinks of their document are seen by every later query of it; others only while
+        # the block's last query is within n_local of the first key
+        all_sink = j1 < ds0 + n_global
+        if HAS_DOCS:
+            all_sink = all_sink & (ds0 == ds1)
+        lim = tl.maximum(n_local + j0 - q_offset, 0) // BLOCK_M
+        mid_hi = _sel(all_sink, mid_hi, tl.minimum(mid_hi, lim))
+    if HAS_DOCS:
+        # a kv block spanning documents is never fully visible; otherwise queries must end before the doc end
+        doc_hi = tl.maximum(de - q_offset, 0) // BLOCK_M
+        mid_hi = _sel(ds0 == ds1, tl.minimum(mid_hi, doc_hi), mid_lo)
+    if not FAST_PATH:
+        mid_hi = mid_lo
+    mid_lo = tl.minimum(mid_lo, m_end)
+    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), m_end)
+    return mid_lo, mid_hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
                lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
                sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi,
@@ -187,10 +244,7 @@ def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt,
     run-time check for shared-prefix holes). ``GLOBAL``: score sink pairs outside the window with q_global.
     """
     for it in range(it_lo, it_hi):
-        blk = start + it
-        blk = _sel(blk >= ga0, blk + gal, blk)
-        blk = _sel(blk >= gb0, blk + gbl, blk)
-        start_n = blk * BLOCK_N
+        start_n = _sched_block(it, start, ga0, gal, gb0, gbl) * BLOCK_N
         offs_n = start_n + offs_n0
         n_ok = offs_n < Tk
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * s_kt + offs_d[:, None],
@@ -268,32 +322,22 @@ def _fwd_kernel(
     if USE_GLOBAL:
         qg = tl.load(QG + b * s_gb + h * s_gh + offs_m[:, None].to(tl.int64) * s_gt + offs_d[None, :],
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        qg = q
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
+    kg_base = KG + b * s_kgb + hk * s_kgh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if not USE_GLOBAL:
-        qg = q
-    kg_base = KG + b * s_kgb + hk * s_kgh
 
     start, end, ga0, gal, gb0, gbl = _kv_schedule(
         p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, n_global, n_local,
         BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-    n_iter = end - start - gal - gbl
-    # three loops: partially visible head blocks (sinks, window edge, document start), fully visible
-    # middle blocks without any mask arithmetic, partially visible diagonal blocks
-    head_blk = start * 0
-    if HAS_WINDOW:
-        head_blk = tl.maximum(head_blk, _sel(p1 >= n_local, (p1 - n_local) // BLOCK_N + 1, 0))
-    if HAS_DOCS:
-        head_blk = tl.maximum(head_blk, (lo1 + BLOCK_N - 1) // BLOCK_N)
-    n_head = _iters_before(head_blk, start, end, ga0, gal, gb0, gbl)
-    n_tail = tl.maximum(n_head, _iters_before((p0 + 1) // BLOCK_N, start, end, ga0, gal, gb0, gbl))
-    if not FAST_PATH:
-        n_head = n_iter
-        n_tail = n_iter
+    n_iter, n_head, n_tail = _split_q_block(p0, p1, lo1, start, end, ga0, gal, gb0, gbl, n_local,
+                                            BLOCK_N, HAS_WINDOW, HAS_DOCS, FAST_PATH)
+    # three loops: masked head blocks (with the q_global variant), unmasked middle, masked diagonal
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
         lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
@@ -341,6 +385,57 @@ def _bwd_preprocess_kernel(Out, DO, DLSE, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s
     tl.store(DELTA + row, delta, mask=offs_m < Tq)
 
 
+@triton.jit
+def _dq_inner(dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
+              pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
+              sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi,
+              BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+              HAS_PREFIX: tl.constexpr, GLOBAL: tl.constexpr, MODE: tl.constexpr):
+    """dq (and dq_global) over scheduled kv iterations ``[it_lo, it_hi)``; ``MODE``/``GLOBAL`` as in
+    :func:`_fwd_inner`."""
+    for it in range(it_lo, it_hi):
+        start_n = _sched_block(it, start, ga0, gal, gb0, gbl) * BLOCK_N
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Tk
+        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * s_kt + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * s_vt + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt) * sm_scale_log2
+        if GLOBAL:
+            need_g = ((start_n < n_global) & ((p1 - start_n) >= n_local)).to(tl.int32)
+            if need_g != 0:
+                kgt = tl.load(kg_base + offs_n[None, :].to(tl.int64) * s_kgt + offs_d[:, None],
+                              mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
+                sg = tl.dot(qg, kgt) * sm_scale_log2
+                is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
+                s = tl.where(is_g, sg, s)
+        if MODE == 0:
+            vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            s = tl.where(vis, s, float("-inf"))
+        elif HAS_PREFIX:
+            full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            if full == 0:
+                vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+                s = tl.where(vis, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt)
+        ds = p * (dp - delta[:, None])
+        if GLOBAL:
+            if need_g != 0:
+                kgt = tl.load(kg_base + offs_n[None, :].to(tl.int64) * s_kgt + offs_d[:, None],
+                              mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
+                is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
+                dsg = tl.where(is_g, ds, 0.0)
+                ds = ds - dsg
+                dqg += tl.dot(dsg.to(kgt.dtype), tl.trans(kgt))
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    return dq, dqg
+
+
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local"])
 def _bwd_dq_kernel(
     Q, K, V, QG, KG, DO, LSE, DELTA, DQ, DQG, MQ,
@@ -386,72 +481,109 @@ def _bwd_dq_kernel(
     if USE_GLOBAL:
         qg = tl.load(QG + b * s_gb + h * s_gh + offs_m[:, None].to(tl.int64) * s_gt + offs_d[None, :],
                      mask=qd_msk, other=0.0)
-        dqg = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    else:
+        qg = q
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
+    kg_base = KG + b * s_kgb + hk * s_kgh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if USE_GLOBAL:
+        dqg = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    else:
+        dqg = tl.zeros([1, 1], dtype=tl.float32)  # placeholder: no registers for an unused accumulator
 
     start, end, ga0, gal, gb0, gbl = _kv_schedule(
         p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, n_global, n_local,
         BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-    n_iter = end - start - gal - gbl
-    # distance limit: the few sink blocks that need q_global.k_global are peeled into a first phase so
-    # that the main loop carries no extra dot product or branch (keeps it software-pipelined)
-    n_pre = n_iter * 0
-    if USE_GLOBAL:
-        n_pre = tl.minimum((n_global + BLOCK_N - 1) // BLOCK_N, n_iter) * (p1 >= n_local).to(tl.int32)
-    for phase in tl.static_range(2 if USE_GLOBAL else 1):
-        it_lo = n_pre * phase
-        it_hi = n_iter + (n_pre - n_iter) * ((1 - phase) * USE_GLOBAL)
-        for it in range(it_lo, it_hi):
-            blk = start + it
-            blk = _sel(blk >= ga0, blk + gal, blk)
-            blk = _sel(blk >= gb0, blk + gbl, blk)
-            start_n = blk * BLOCK_N
-            offs_n = start_n + offs_n0
-            n_ok = offs_n < Tk
-            kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * s_kt + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * s_vt + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            s = tl.dot(q, kt) * sm_scale_log2
-            full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
-                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-            if USE_GLOBAL and (phase == 0 or HAS_PREFIX):
-                need_g = ((start_n < n_global) & ((p1 - start_n) >= n_local)).to(tl.int32)
-                full = full & (1 - need_g)
-                if need_g != 0:
-                    kgt = tl.load(KG + b * s_kgb + hk * s_kgh + offs_n[None, :].to(tl.int64) * s_kgt
-                                  + offs_d[:, None], mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
-                    sg = tl.dot(qg, kgt) * sm_scale_log2
-                    is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
-                    s = tl.where(is_g, sg, s)
-            if FAST_PATH:
-                need_mask = full == 0
-            else:
-                need_mask = full >= 0
-            if need_mask:
-                vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
-                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-                s = tl.where(vis, s, float("-inf"))
-            p = tl.math.exp2(s - lse[:, None])
-            dp = tl.dot(do, vt)
-            ds = p * (dp - delta[:, None])
-            if USE_GLOBAL and (phase == 0 or HAS_PREFIX):
-                if need_g != 0:
-                    kgt = tl.load(KG + b * s_kgb + hk * s_kgh + offs_n[None, :].to(tl.int64) * s_kgt
-                                  + offs_d[:, None], mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
-                    is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
-                    dsg = tl.where(is_g, ds, 0.0)
-                    ds = ds - dsg
-                    dqg += tl.dot(dsg.to(kgt.dtype), tl.trans(kgt))
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    n_iter, n_head, n_tail = _split_q_block(p0, p1, lo1, start, end, ga0, gal, gb0, gbl, n_local,
+                                            BLOCK_N, HAS_WINDOW, HAS_DOCS, FAST_PATH)
+    # the forward's three loops: only the head loop carries the q_global branch and the mask arithmetic
+    # of the sink/window/document edges; the middle loop has none (stays software-pipelined)
+    dq, dqg = _dq_inner(
+        dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
+        pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+        start, ga0, gal, gb0, gbl, 0, n_head, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL, 0)
+    dq, dqg = _dq_inner(
+        dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
+        pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+        start, ga0, gal, gb0, gbl, n_head, n_tail, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 1)
+    dq, dqg = _dq_inner(
+        dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
+        pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+        start, ga0, gal, gb0, gbl, n_tail, n_iter, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
 
     tl.store(DQ + (b * Hq + h) * Tq * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_msk)
     if USE_GLOBAL:
         tl.store(DQG + (b * Hq + h) * Tq * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM
                  + offs_d[None, :], (dqg * sm_scale).to(DQG.dtype.element_ty), mask=qd_msk)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
+                s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+                sm_scale_log2, m_lo, m_hi,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                HAS_PREFIX: tl.constexpr, GLOBAL: tl.constexpr, MODE: tl.constexpr):
+    """dk, dv (and dk_global) of one kv block over query blocks ``[m_lo, m_hi)`` of one query head.
+
+    ``MODE`` 0: elementwise mask on every block; 1: query blocks known to see the whole kv block (only a
+    run-time check for shared-prefix holes). ``GLOBAL``: sink pairs outside the window use q_global/k_global.
+    """
+    for mb in range(m_lo, m_hi):
+        start_m = mb * BLOCK_M
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < Tq
+        pos = q_offset + offs_m
+        qd_msk = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_qt + offs_d[None, :], mask=qd_msk, other=0.0)
+        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * s_dt + offs_d[None, :], mask=qd_msk, other=0.0)
+        # padded rows get lse = +inf, hence p = 0; so do fully masked rows (lse = -inf)
+        lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q)) * sm_scale_log2  # [BLOCK_N, BLOCK_M]
+        if GLOBAL:
+            p1 = q_offset + tl.minimum(start_m + BLOCK_M, Tq) - 1
+            need_g = ((j0 < n_global) & ((p1 - j0) >= n_local)).to(tl.int32)
+            if need_g != 0:
+                qg = tl.load(qg_base + offs_m[:, None].to(tl.int64) * s_gt + offs_d[None, :], mask=qd_msk,
+                             other=0.0)
+                sgt = tl.dot(kg, tl.trans(qg)) * sm_scale_log2
+                is_g = ((pos[None, :] - offs_n[:, None]) >= n_local) & (offs_n[:, None] < n_global)
+                st = tl.where(is_g, sgt, st)
+        if MODE == 0:
+            rows_c = tl.minimum(offs_m, Tq - 1)
+            lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, rows_c, Tq, HAS_DOCS, HAS_PREFIX)
+            vis = _visible(pos[None, :], offs_n[:, None], lo_r[None, :], hlo_r[None, :], hhi_r[None, :],
+                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            st = tl.where(vis, st, float("-inf"))
+        elif HAS_PREFIX:
+            last = tl.minimum(start_m + BLOCK_M, Tq) - 1
+            lo0, hlo0, hhi0 = _qmeta(MQ, mbase, start_m, Tq, HAS_DOCS, HAS_PREFIX)
+            lo1, hlo1, hhi1 = _qmeta(MQ, mbase, last, Tq, HAS_DOCS, HAS_PREFIX)
+            full = _block_full(q_offset + start_m, q_offset + last, j0, j1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            if full == 0:
+                rows_c = tl.minimum(offs_m, Tq - 1)
+                lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, rows_c, Tq, HAS_DOCS, HAS_PREFIX)
+                vis = _visible(pos[None, :], offs_n[:, None], lo_r[None, :], hlo_r[None, :], hhi_r[None, :],
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+                st = tl.where(vis, st, float("-inf"))
+        pt = tl.math.exp2(st - lse[None, :])
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        if GLOBAL:
+            if need_g != 0:
+                qg = tl.load(qg_base + offs_m[:, None].to(tl.int64) * s_gt + offs_d[None, :], mask=qd_msk,
+                             other=0.0)
+                is_g = ((pos[None, :] - offs_n[:, None]) >= n_local) & (offs_n[:, None] < n_global)
+                dsgt = tl.where(is_g, dst, 0.0)
+                dst = dst - dsgt
+                dkg += tl.dot(dsgt.to(qg.dtype), qg)
+        dk += tl.dot(dst.to(q.dtype), q)
+    return dk, dv, dkg
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local"])
@@ -489,6 +621,9 @@ def _bwd_dkdv_kernel(
         kg = tl.load(KG + b * s_kgb + hk * s_kgh + offs_n[:, None].to(tl.int64) * s_kgt + offs_d[None, :],
                      mask=(offs_n[:, None] < n_global) & d_ok[None, :], other=0.0)
         dkg = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    else:
+        kg = k
+        dkg = tl.zeros([1, 1], dtype=tl.float32)  # placeholder: no registers for an unused accumulator
 
     # query positions that can see this kv block: [p_lo, p_hi)
     mkbase = b * s_mkb
@@ -500,6 +635,7 @@ def _bwd_dkdv_kernel(
         ds0 = 0
         ds1 = 0
         p_hi = Tk
+    de = p_hi
     if HAS_WINDOW:
         has_sink = (j0 - ds0 < n_global) | ((ds1 > j0) & (n_global > 0))
         p_hi = _sel(has_sink, p_hi, tl.minimum(p_hi, j1 + n_local))
@@ -511,78 +647,41 @@ def _bwd_dkdv_kernel(
     row_lo = tl.maximum(j0 - q_offset, 0)
     row_hi = tl.minimum(p_hi - q_offset, Tq)
     m_start = row_lo // BLOCK_M
-    m_end = (row_hi + BLOCK_M - 1) // BLOCK_M
+    m_end = tl.maximum((row_hi + BLOCK_M - 1) // BLOCK_M, m_start)
+    mid_lo, mid_hi = _split_kv_block(j0, j1, ds0, ds1, de, m_start, m_end, q_offset, n_global, n_local,
+                                     BLOCK_M, HAS_WINDOW, HAS_DOCS, FAST_PATH)
+    # distance limit: sink kv blocks run one masked loop with the q_global/k_global variant
+    m_glob = m_start
     if USE_GLOBAL:
-        need_g_blk = j0 < n_global
+        is_sink_blk = j0 < n_global
+        m_glob = _sel(is_sink_blk, m_end, m_start)
+        mid_lo = _sel(is_sink_blk, m_end, mid_lo)
+        mid_hi = _sel(is_sink_blk, m_end, mid_hi)
     mbase = b * s_mb
-
-    for phase in tl.static_range(2 if USE_GLOBAL else 1):
-        # distance limit: the sink kv blocks run the q_global/k_global variant, all others the plain one
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = DO + b * s_db + h * s_dh
+        qg_base = QG + b * s_gb + h * s_gh
+        row_base = (b * Hq + h) * Tq
         if USE_GLOBAL:
-            if phase == 0:
-                run = need_g_blk
-            else:
-                run = j0 >= n_global
-            m_hi = _sel(run, m_end, m_start)
-        else:
-            m_hi = m_end
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            q_base = Q + b * s_qb + h * s_qh
-            do_base = DO + b * s_db + h * s_dh
-            row_base = (b * Hq + h) * Tq
-            for mb in range(m_start, m_hi):
-                start_m = mb * BLOCK_M
-                offs_m = start_m + offs_m0
-                row_ok = offs_m < Tq
-                last = tl.minimum(start_m + BLOCK_M, Tq) - 1
-                p0 = q_offset + start_m
-                p1 = q_offset + last
-                pos = q_offset + offs_m
-                qd_msk = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_qt + offs_d[None, :], mask=qd_msk, other=0.0)
-                do = tl.load(do_base + offs_m[:, None].to(tl.int64) * s_dt + offs_d[None, :], mask=qd_msk,
-                             other=0.0)
-                lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)
-                delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-                st = tl.dot(k, tl.trans(q)) * sm_scale_log2  # [BLOCK_N, BLOCK_M]
-                lo0, hlo0, hhi0 = _qmeta(MQ, mbase, start_m, Tq, HAS_DOCS, HAS_PREFIX)
-                lo1, hlo1, hhi1 = _qmeta(MQ, mbase, last, Tq, HAS_DOCS, HAS_PREFIX)
-                full = _block_full(p0, p1, j0, j1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
-                                   n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-                if USE_GLOBAL and phase == 0:
-                    need_g = (need_g_blk & ((p1 - j0) >= n_local)).to(tl.int32)
-                    full = full & (1 - need_g)
-                    if need_g != 0:
-                        qg = tl.load(QG + b * s_gb + h * s_gh + offs_m[:, None].to(tl.int64) * s_gt
-                                     + offs_d[None, :], mask=qd_msk, other=0.0)
-                        sgt = tl.dot(kg, tl.trans(qg)) * sm_scale_log2
-                        is_g = ((pos[None, :] - offs_n[:, None]) >= n_local) & (offs_n[:, None] < n_global)
-                        st = tl.where(is_g, sgt, st)
-                if FAST_PATH:
-                    need_mask = full == 0
-                else:
-                    need_mask = full >= 0
-                if need_mask:
-                    rows_c = tl.minimum(offs_m, Tq - 1)
-                    lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, rows_c, Tq, HAS_DOCS, HAS_PREFIX)
-                    vis = _visible(pos[None, :], offs_n[:, None], lo_r[None, :], hlo_r[None, :], hhi_r[None, :],
-                                   n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-                    st = tl.where(vis, st, float("-inf"))
-                pt = tl.math.exp2(st - lse[None, :])
-                dv += tl.dot(pt.to(do.dtype), do)
-                dpt = tl.dot(v, tl.trans(do))
-                dst = pt * (dpt - delta[None, :])
-                if USE_GLOBAL and phase == 0:
-                    if need_g != 0:
-                        qg = tl.load(QG + b * s_gb + h * s_gh + offs_m[:, None].to(tl.int64) * s_gt
-                                     + offs_d[None, :], mask=qd_msk, other=0.0)
-                        is_g = ((pos[None, :] - offs_n[:, None]) >= n_local) & (offs_n[:, None] < n_global)
-                        dsgt = tl.where(is_g, dst, 0.0)
-                        dst = dst - dsgt
-                        dkg += tl.dot(dsgt.to(qg.dtype), qg)
-                dk += tl.dot(dst.to(q.dtype), q)
+            dk, dv, dkg = _dkdv_inner(
+                dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
+                s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+                sm_scale_log2, m_start, m_glob, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, True, 0)
+        # diagonal blocks (masked), blocks that see the whole kv block (unmasked), window edge / doc end
+        dk, dv, dkg = _dkdv_inner(
+            dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
+            s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+            sm_scale_log2, m_glob, mid_lo, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
+        dk, dv, dkg = _dkdv_inner(
+            dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
+            s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+            sm_scale_log2, mid_lo, mid_hi, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 1)
+        dk, dv, dkg = _dkdv_inner(
+            dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
+            s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+            sm_scale_log2, mid_hi, m_end, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
 
     out_base = (b * Hkv + hk) * Tk * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_base, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_msk)
