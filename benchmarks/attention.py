@@ -135,61 +135,145 @@ def bench(fn, grad: bool, tensors: list[torch.Tensor], do: torch.Tensor) -> floa
     return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
-FWD_SWEEP = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "128,128,8,2", "64,64,4,3", "128,64,8,4", "128,32,4,3"]
-BWD_SWEEP = ["64,128,8,2;128,64,8,2", "32,128,4,3;128,32,4,3", "64,128,4,2;128,64,4,2", "64,64,4,3;64,64,4,3",
-             "32,64,4,3;64,32,4,3", "64,128,8,3;128,64,8,3", "128,128,8,2;128,128,8,2", "64,128,8,1;128,64,8,1"]
+FWD_SWEEP = ["128,64,8,3", "128,128,8,3", "128,64,8,4", "128,64,4,3", "64,64,4,3"]
+BWD_SWEEP = ["64,128,8,2;128,64,8,2", "64,128,8,3;128,64,8,3", "64,128,8,1;128,64,8,1", "32,128,4,3;128,32,4,3",
+             "64,64,4,3;64,64,4,3", "128,128,8,2;128,128,8,2"]
+BWD_KERNELS = ("_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_preprocess_kernel")
+
+
+def kernel_ms(fn, n: int = 5) -> dict[str, float]:  # noqa: ANN001
+    """Mean device ms per call of each backward kernel launched by ``fn`` (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        for name in BWD_KERNELS:
+            if name in e.key:
+                t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+                key = name.strip("_").removesuffix("_kernel")
+                out[key] = out.get(key, 0.0) + t / 1e3 / n
+    return out
+
+
+def _load_module(path: str):  # noqa: ANN202
+    """A kernel module from a file (e.g. the previous commit's flash.py), for a before/after in one run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"longkit_flash_ref_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def sweep(args: argparse.Namespace) -> None:
-    """Time the Triton kernels under several block configs (env overrides read by the launchers)."""
+    """Time the Triton kernels under several block configs (env overrides read by the launchers), the
+    backward split per kernel, and optionally an older kernel file (``--ref-kernel``) in the same run."""
     import os
 
     import triton.testing
 
+    from longkit.kernels.masked_attn import flash
+
+    mods = [("current", flash)] + [(Path(p).stem, _load_module(p)) for p in args.ref_kernel]
+    fwd_cfgs = args.fwd_cfgs if args.fwd_cfgs is not None else FWD_SWEEP
+    bwd_cfgs = args.bwd_cfgs if args.bwd_cfgs is not None else BWD_SWEEP
     rows = []
+
+    def record(row: dict[str, Any], fn) -> None:  # noqa: ANN001
+        try:
+            if args.warm_only:
+                fn()
+                torch.cuda.synchronize()
+                return
+            if row["pass"] == "bwd":
+                row.update(kernel_ms(fn))
+            ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+            mult = 2.5 if row["pass"] == "bwd" else 1.0
+            row.update(ms=ms, tflops=mult * flops / ms / 1e9)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        rows.append(row)
+        print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+
     for D in args.hd:
         for kind in args.masks:
             case = make_case(kind, args.seqlens[0], "cuda")
             B, H, L, mask = case["B"], case["H"], case["T"], case["mask"]
-            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
+            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             do = torch.randn_like(q)
+            qg = kg = None
+            if kind == "lambda_qglobal":
+                qg, kg = torch.randn_like(q), torch.randn(B, H, N_GLOBAL, D, device="cuda", dtype=torch.bfloat16)
             flops = 4.0 * D * visible_pairs(mask, B, L) * H
-            with torch.no_grad():
-                out, lse = masked_attention(q, k, v, mask=mask, return_lse=True)
-            from longkit.kernels.masked_attn.flash import flash_masked_attention_bwd
-
-            for fast in ("1", "0"):
-                os.environ["LONGKIT_ATTN_FAST_PATH"] = fast
-                for cfg in FWD_SWEEP if fast == "1" else FWD_SWEEP[:1]:
-                    os.environ["LONGKIT_ATTN_FWD_CONFIG"] = cfg
-                    try:
-                        ms = triton.testing.do_bench(lambda: masked_attention(q, k, v, mask=mask), warmup=10,
-                                                     rep=50, return_mode="median")
-                        rows.append({"D": D, "mask": kind, "fast": fast, "pass": "fwd", "cfg": cfg, "ms": ms,
-                                     "tflops": flops / ms / 1e9})
-                    except Exception as e:  # noqa: BLE001
-                        rows.append({"D": D, "mask": kind, "fast": fast, "pass": "fwd", "cfg": cfg,
-                                     "error": str(e)[:100]})
-                    print(rows[-1], flush=True)
-                os.environ.pop("LONGKIT_ATTN_FWD_CONFIG")
-                for cfg in BWD_SWEEP if fast == "1" else BWD_SWEEP[:1]:
-                    os.environ["LONGKIT_ATTN_BWD_CONFIG"] = cfg
-                    n_local = mask.n_local or 0
-                    try:
-                        ms = triton.testing.do_bench(lambda: flash_masked_attention_bwd(
-                            do, None, q, k, v, out, lse, None, None, mask.cu_seqlens, mask.prefix_segments,
-                            0, mask.n_global, n_local, D ** -0.5), warmup=10, rep=50, return_mode="median")
-                        rows.append({"D": D, "mask": kind, "fast": fast, "pass": "bwd", "cfg": cfg, "ms": ms,
-                                     "tflops": 2.5 * flops / ms / 1e9})
-                    except Exception as e:  # noqa: BLE001
-                        rows.append({"D": D, "mask": kind, "fast": fast, "pass": "bwd", "cfg": cfg,
-                                     "error": str(e)[:100]})
-                    print(rows[-1], flush=True)
-                os.environ.pop("LONGKIT_ATTN_BWD_CONFIG")
-            os.environ.pop("LONGKIT_ATTN_FAST_PATH")
-    print_table(rows, title="config sweep")
+            n_local = mask.n_local or 0
+            geo = (mask.cu_seqlens, mask.prefix_segments, 0, mask.n_global, n_local, D ** -0.5)
+            base = {"D": D, "T": L, "mask": kind}
+            for label, mod in mods:
+                out, lse = mod.flash_masked_attention_fwd(q, k, v, qg, kg, *geo)
+                cfgs_f = fwd_cfgs if label == "current" else [None]
+                cfgs_b = bwd_cfgs if label == "current" else [None]
+                for cfg in [None, *cfgs_f] if label == "current" else cfgs_f:
+                    if cfg is not None:
+                        os.environ["LONGKIT_ATTN_FWD_CONFIG"] = cfg
+                    record({**base, "kernel": label, "pass": "fwd", "cfg": cfg or "default"},
+                           lambda mod=mod: mod.flash_masked_attention_fwd(q, k, v, qg, kg, *geo))
+                    os.environ.pop("LONGKIT_ATTN_FWD_CONFIG", None)
+                for cfg in [None, *cfgs_b] if label == "current" else cfgs_b:
+                    if cfg is not None:
+                        os.environ["LONGKIT_ATTN_BWD_CONFIG"] = cfg
+                    record({**base, "kernel": label, "pass": "bwd", "cfg": cfg or "default"},
+                           lambda mod=mod, out=out, lse=lse: mod.flash_masked_attention_bwd(
+                               do, None, q, k, v, out, lse, qg, kg, *geo))
+                    os.environ.pop("LONGKIT_ATTN_BWD_CONFIG", None)
+            torch.cuda.empty_cache()
+    if args.warm_only:
+        return
+    print_table(rows, ["D", "T", "mask", "kernel", "pass", "cfg", "ms", "tflops", "bwd_dkdv", "bwd_dq",
+                       "bwd_preprocess", "error"], title="kernel config sweep, bf16")
     save_results(f"attention_sweep{args.tag}", rows, None, args.out_dir)
+
+
+def precompile(args: argparse.Namespace, workers: int) -> None:
+    """Compile every kernel the run will time in parallel subprocesses first, so that Triton's and Inductor's
+    on-disk caches are warm: compiling is CPU-bound, timing needs the GPU alone, and the machine has many
+    cores. One job per (head dim, length, mask), and per config in a sweep."""
+    import itertools
+    import subprocess
+    import time
+
+    t0 = time.time()
+    common = [sys.executable, __file__, "--warm-only"]
+    if args.no_flex:
+        common.append("--no-flex")
+    if args.no_bwd:
+        common.append("--no-bwd")
+    jobs = []
+    lengths = args.seqlens[:1] if args.sweep else args.seqlens
+    for D, T, kind in itertools.product(args.hd, lengths, args.masks):
+        job = [*common, "--hd", str(D), "--seqlens", str(T), "--masks", kind]
+        if not args.sweep:
+            jobs.append(job)
+            continue
+        fwd = args.fwd_cfgs if args.fwd_cfgs is not None else FWD_SWEEP
+        bwd = args.bwd_cfgs if args.bwd_cfgs is not None else BWD_SWEEP
+        for i in range(max(len(fwd), len(bwd), 1)):
+            jobs.append([*job, "--sweep", "--ref-kernel", *args.ref_kernel, "--fwd-cfgs", *fwd[i:i + 1],
+                         "--bwd-cfgs", *bwd[i:i + 1]])
+    running: list[subprocess.Popen] = []
+    for cmd in jobs:
+        while len(running) >= workers:
+            running = [p for p in running if p.poll() is None]
+            time.sleep(0.2)
+        running.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for p in running:
+        p.wait()
+    print(f"precompiled: {len(jobs)} jobs, {workers} workers, {time.time() - t0:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -202,8 +286,16 @@ def main() -> None:
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--tag", default="")
-    ap.add_argument("--sweep", action="store_true", help="time kernel configs (causal, B=4, T=16k) and exit")
+    ap.add_argument("--sweep", action="store_true", help="time kernel configs at the first --seqlens and exit")
+    ap.add_argument("--fwd-cfgs", nargs="*", default=None, help="sweep: 'BM,BN,warps,stages' forward configs")
+    ap.add_argument("--bwd-cfgs", nargs="*", default=None, help="sweep: 'dkdv;dq' backward configs")
+    ap.add_argument("--ref-kernel", nargs="*", default=[], help="sweep: older flash.py files timed alongside")
+    ap.add_argument("--precompile-workers", type=int, default=0,
+                    help="compile all kernels first in this many parallel processes (warms the disk caches)")
+    ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.precompile_workers > 0 and not args.warm_only:
+        precompile(args, args.precompile_workers)
     if args.sweep:
         sweep(args)
         return
@@ -247,6 +339,16 @@ def main() -> None:
                     bm = create_block_mask(flex_mask_mod(case), None, None, L, L, device=dev, _compile=True)
                     impls.append(("flex", lambda bm=bm: flex(q, k, v, block_mask=bm), [q, k, v]))
                 for name, fn, ts in impls:
+                    if args.warm_only:  # compile only (see precompile); errors surface in the timed run
+                        try:
+                            with torch.no_grad():
+                                fn()
+                            if not args.no_bwd:
+                                torch.autograd.grad(fn(), ts, do)
+                            torch.cuda.synchronize()
+                        except Exception:  # noqa: BLE001, S112
+                            pass
+                        continue
                     row = {"D": D, "T": L, "B": B, "H": H, "mask": kind, "density": round(density, 4),
                            "impl": name}
                     try:
@@ -261,6 +363,10 @@ def main() -> None:
                     print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()},
                           flush=True)
                 torch.cuda.empty_cache()
+            if args.out_dir is not None and rows:  # keep what was measured if the run is cut short
+                save_results(f"attention_partial{args.tag}", rows, None, args.out_dir)
+    if args.warm_only:
+        return
     # speed-ups vs flex / best sdpa in the same (D, T, mask)
     for row in rows:
         if row["impl"] != "longkit" or "fwd_ms" not in row:

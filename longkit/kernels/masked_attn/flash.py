@@ -251,13 +251,14 @@ def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vt + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * sm_scale_log2
+        # raw scores; the scale is applied once, inside exp2's argument (one FMA per score), m_i is scaled
+        s = tl.dot(q, kt)
         if GLOBAL:
             need_g = ((start_n < n_global) & ((p1 - start_n) >= n_local)).to(tl.int32)
             if need_g != 0:
                 kgt = tl.load(kg_base + offs_n[None, :].to(tl.int64) * s_kgt + offs_d[:, None],
                               mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
-                sg = tl.dot(qg, kgt) * sm_scale_log2
+                sg = tl.dot(qg, kgt)
                 is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
                 s = tl.where(is_g, sg, s)
         if MODE == 0:
@@ -271,13 +272,13 @@ def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt,
                 vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
                                n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
                 s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)  # scale > 0, so max commutes with it
         if MODE == 0 or HAS_PREFIX:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_safe = m_new
         alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = tl.math.exp2(s * sm_scale_log2 - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
