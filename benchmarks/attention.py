@@ -184,6 +184,7 @@ def sweep(args: argparse.Namespace) -> None:
     fwd_cfgs = args.fwd_cfgs if args.fwd_cfgs is not None else FWD_SWEEP
     bwd_cfgs = args.bwd_cfgs if args.bwd_cfgs is not None else BWD_SWEEP
     rows = []
+    mod_now = [flash]
 
     def record(row: dict[str, Any], fn) -> None:  # noqa: ANN001
         try:
@@ -194,6 +195,11 @@ def sweep(args: argparse.Namespace) -> None:
             if row["pass"] == "bwd":
                 row.update(kernel_ms(fn))
             ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+            if hasattr(mod_now[0], "launch_stats"):
+                keys = ("fwd",) if row["pass"] == "fwd" else ("bwd_dkdv", "bwd_dq")
+                stats = mod_now[0].launch_stats()
+                row["regs/spills"] = " ".join(f"{k_}:{stats[k_]['regs']}/{stats[k_]['spills']}"
+                                              for k_ in keys if k_ in stats)
             mult = 2.5 if row["pass"] == "bwd" else 1.0
             row.update(ms=ms, tflops=mult * flops / ms / 1e9)
         except Exception as e:  # noqa: BLE001
@@ -215,6 +221,7 @@ def sweep(args: argparse.Namespace) -> None:
             geo = (mask.cu_seqlens, mask.prefix_segments, 0, mask.n_global, n_local, D ** -0.5)
             base = {"D": D, "T": L, "mask": kind}
             for label, mod in mods:
+                mod_now[0] = mod
                 out, lse = mod.flash_masked_attention_fwd(q, k, v, qg, kg, *geo)
                 cfgs_f = fwd_cfgs if label == "current" else [None]
                 cfgs_b = bwd_cfgs if label == "current" else [None]
@@ -235,7 +242,7 @@ def sweep(args: argparse.Namespace) -> None:
     if args.warm_only:
         return
     print_table(rows, ["D", "T", "mask", "kernel", "pass", "cfg", "ms", "tflops", "bwd_dkdv", "bwd_dq",
-                       "bwd_preprocess", "error"], title="kernel config sweep, bf16")
+                       "bwd_preprocess", "regs/spills", "error"], title="kernel config sweep, bf16")
     save_results(f"attention_sweep{args.tag}", rows, None, args.out_dir)
 
 
@@ -304,6 +311,11 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # every (shape, mask_mod, grad mode) compiles anew; past dynamo's recompile limit flex_attention would fall
+    # back to its eager path, which materialises [B, H, T, T] scores (out of memory, or a crippled baseline)
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 4096)
     flex = torch.compile(flex_attention, dynamic=False)
     dev = "cuda"
     rows: list[dict[str, Any]] = []
@@ -363,8 +375,8 @@ def main() -> None:
                     print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()},
                           flush=True)
                 torch.cuda.empty_cache()
-            if args.out_dir is not None and rows:  # keep what was measured if the run is cut short
-                save_results(f"attention_partial{args.tag}", rows, None, args.out_dir)
+                if args.out_dir is not None and rows:  # keep what was measured if the run is cut short
+                    save_results(f"attention_partial{args.tag}", rows, None, args.out_dir)
     if args.warm_only:
         return
     # speed-ups vs flex / best sdpa in the same (D, T, mask)

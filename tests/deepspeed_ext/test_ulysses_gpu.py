@@ -16,6 +16,14 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def group():
     if not torch.cuda.is_available():
@@ -24,7 +32,7 @@ def group():
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29655")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))  # parallel test workers must not collide
         dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     return dist.group.WORLD
 

@@ -698,39 +698,46 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _fwd_config(head_dim: int) -> dict[str, int]:
+def _parse_cfg(text: str) -> dict[str, int]:
+    bm, bn, w, st = (int(x) for x in text.split(","))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+
+
+def _fwd_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
+    """Forward tiles. Chosen by ``benchmarks/attention.py --sweep`` on an H200 (T=16k, bf16); see
+    BENCHMARKS.md. ``LONGKIT_ATTN_FWD_CONFIG="BM,BN,warps,stages"`` overrides (tuning only)."""
     if _interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    env = os.environ.get("LONGKIT_ATTN_FWD_CONFIG")  # "BM,BN,warps,stages" (tuning only)
+    env = os.environ.get("LONGKIT_ATTN_FWD_CONFIG")
     if env:
-        bm, bn, w, s = (int(x) for x in env.split(","))
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-    if head_dim <= 64:  # H100 sweep (causal, T=16k): 401 TFLOP/s vs 389 for 4 warps / 3 stages
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4}
+        return _parse_cfg(env)
+    plain = not (flags["HAS_WINDOW"] or flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"])
+    if head_dim <= 64:
+        return _parse_cfg("128,128,8,3" if flags["HAS_DOCS"] else "128,64,8,4")
     if head_dim <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        # wide kv tiles pay on long unmasked runs (causal); masked edges and the q_global tile prefer 64
+        return _parse_cfg("128,128,8,3" if plain else "128,64,8,3")
+    return _parse_cfg("64,32,4,2")
 
 
-def _bwd_config(head_dim: int) -> tuple[dict[str, int], dict[str, int]]:
-    """(dkdv config, dq config)."""
+def _bwd_config(head_dim: int, flags: dict[str, bool]) -> tuple[dict[str, int], dict[str, int]]:
+    """(dk/dv config, dq config); ``LONGKIT_ATTN_BWD_CONFIG="BM,BN,warps,stages;BM,BN,warps,stages"``
+    overrides (tuning only)."""
     if _interpreting():
         c = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
         return c, c
-    env = os.environ.get("LONGKIT_ATTN_BWD_CONFIG")  # "BM,BN,warps,stages;BM,BN,warps,stages"
+    env = os.environ.get("LONGKIT_ATTN_BWD_CONFIG")
     if env:
         a, b = env.split(";")
-        ka = [int(x) for x in a.split(",")]
-        kb = [int(x) for x in b.split(",")]
-        return ({"BLOCK_M": ka[0], "BLOCK_N": ka[1], "num_warps": ka[2], "num_stages": ka[3]},
-                {"BLOCK_M": kb[0], "BLOCK_N": kb[1], "num_warps": kb[2], "num_stages": kb[3]})
+        return _parse_cfg(a), _parse_cfg(b)
     if head_dim <= 64:
-        return ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-                {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2})
+        return _parse_cfg("32,128,4,3"), _parse_cfg("128,128,8,3")
     if head_dim <= 128:
-        return ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-                {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2})
-    c = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        # dk/dv holds two 128x128 fp32 accumulators plus K and V: the q_global / prefix variants need a
+        # narrower query tile or one pipeline stage fewer
+        kv = "32,128,8,2" if flags["USE_GLOBAL"] else "64,128,8,2" if flags["HAS_PREFIX"] else "64,128,8,3"
+        return _parse_cfg(kv), _parse_cfg("128,64,8,3")
+    c = _parse_cfg("32,32,4,1")
     return c, c
 
 
@@ -787,6 +794,16 @@ def _fast_path() -> bool:
     return os.environ.get("LONGKIT_ATTN_FAST_PATH", "1") != "0"
 
 
+# name -> compiled kernel of the latest launch (register and spill counts for benchmarks/attention.py --sweep)
+LAST_LAUNCH: dict[str, object] = {}
+
+
+def launch_stats() -> dict[str, dict[str, int]]:
+    """Registers per thread and spilled bytes of the kernels launched last (empty under the interpreter)."""
+    return {name: {"regs": getattr(k, "n_regs", -1), "spills": getattr(k, "n_spills", -1)}
+            for name, k in LAST_LAUNCH.items() if k is not None}
+
+
 def _last_dim_contig(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else (t if t.stride(-1) == 1 else t.contiguous()) for t in ts]
 
@@ -816,16 +833,17 @@ def flash_masked_attention_fwd(
     s_mb = meta_q.stride(0) if meta_q.dim() == 3 and meta_q.shape[0] > 1 else 0
     qg = q_global if q_global is not None else q
     kg = k_global if k_global is not None else k
-    cfg = _fwd_config(D)
+    flags = _flags(n_local, cu_seqlens, segments, q_global)
+    cfg = _fwd_config(D, flags)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
-    _fwd_kernel[grid](
+    LAST_LAUNCH["fwd"] = _fwd_kernel[grid](
         q, k, v, qg, kg, out, lse, meta_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), qg.stride(0), qg.stride(1), qg.stride(2),
         kg.stride(0), kg.stride(1), kg.stride(2), out.stride(0), out.stride(1), out.stride(2), s_mb,
         Hq, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        FAST_PATH=_fast_path(), **_flags(n_local, cu_seqlens, segments, q_global), **cfg,
+        FAST_PATH=_fast_path(), **flags, **cfg,
     )
     return out, lse
 
@@ -867,19 +885,19 @@ def flash_masked_attention_bwd(
     qg = q_global if q_global is not None else q
     kg = k_global if k_global is not None else k
     flags = _flags(n_local, cu_seqlens, segments, q_global)
-    cfg_kv, cfg_q = _bwd_config(D)
+    cfg_kv, cfg_q = _bwd_config(D, flags)
     common_strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), qg.stride(0), qg.stride(1), qg.stride(2),
         kg.stride(0), kg.stride(1), kg.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
     )
-    _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg_kv["BLOCK_N"]), B * Hkv)](
+    LAST_LAUNCH["bwd_dkdv"] = _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg_kv["BLOCK_N"]), B * Hkv)](
         q, k, v, qg, kg, grad_out, lse, delta, dk, dv, dkg if dkg is not None else dk, meta_q, meta_k,
         *common_strides, s_mb, s_mkb,
         Hq, Hkv, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=block_d, FAST_PATH=_fast_path(), **flags, **cfg_kv,
     )
-    _bwd_dq_kernel[(triton.cdiv(Tq, cfg_q["BLOCK_M"]), B * Hq)](
+    LAST_LAUNCH["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(Tq, cfg_q["BLOCK_M"]), B * Hq)](
         q, k, v, qg, kg, grad_out, lse, delta, dq, dqg if dqg is not None else dq, meta_q,
         *common_strides, s_mb,
         Hq, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
