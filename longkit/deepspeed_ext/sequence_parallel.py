@@ -172,6 +172,15 @@ class SequenceParallel:
         out.setdefault("use_cache", False)
         return out
 
+    def data_parallel(self) -> tuple[int, int]:
+        """``(number of sequence-parallel groups, index of this rank's group)``: the data-parallel view that
+        samplers use (with size 1, every process is its own group)."""
+        if self.groups is not None:
+            return self.groups.dp_size, self.groups.dp_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
     def dataloader(self, dataset: Any, batch_size: int, collate_fn: Any = None, shuffle: bool = True,
                    seed: int = 0, drop_last: bool = True, device: torch.device | str | None = None,
                    pad_token_id: int = 0) -> ShardedLoader:
@@ -181,8 +190,7 @@ class SequenceParallel:
         """
         from torch.utils.data import DataLoader, DistributedSampler
 
-        dp_size = self.groups.dp_size if self.groups else (dist.get_world_size() if dist.is_initialized() else 1)
-        dp_rank = self.groups.dp_rank if self.groups else (dist.get_rank() if dist.is_initialized() else 0)
+        dp_size, dp_rank = self.data_parallel()
         sampler = DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
@@ -198,6 +206,11 @@ class ShardedLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    @property
+    def dataset(self) -> Any:
+        """The underlying loader's dataset (what ``Trainer`` reads to count samples)."""
+        return self.loader.dataset
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for a new epoch (same order on every rank of a group)."""

@@ -245,6 +245,121 @@ def with_trainer() -> dict:
     return {"max_param_err": err}
 
 
+def eval_samples(n: int, vocab: int, gen: torch.Generator, lengths: tuple[int, int] = (9, 24)) -> list[dict]:
+    """``n`` samples of random lengths (odd and even, so padded batches and shards vary)."""
+    return [{"input_ids": torch.randint(3, vocab, (int(torch.randint(*lengths, (1,), generator=gen)),),
+                                        generator=gen)} for _ in range(n)]
+
+
+def pad_collate(items: list[dict]) -> dict:
+    """Right-pad with id 0; padding and the first two tokens (a prompt) get no labels."""
+    T = max(len(it["input_ids"]) for it in items)
+    ids = torch.zeros(len(items), T, dtype=torch.long)
+    mask = torch.zeros(len(items), T, dtype=torch.long)
+    for b, it in enumerate(items):
+        ids[b, : len(it["input_ids"])] = it["input_ids"]
+        mask[b, : len(it["input_ids"])] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def reference_eval_loss(model, data: list[dict], batches: list[list[int]]) -> tuple[float, float]:
+    """``Trainer``'s eval_loss on one process: batch token-mean losses weighted by batch size (and, to show
+    that a test can tell them apart, the unweighted mean of the batch losses)."""
+    model.eval()
+    losses = [float(model(**pad_collate([data[i] for i in b]), use_cache=False).loss) for b in batches]
+    n = [len(b) for b in batches]
+    return sum(a * b for a, b in zip(losses, n)) / sum(n), sum(losses) / len(losses)
+
+
+def with_trainer_eval() -> dict:
+    """SequenceParallelTrainer SP=2, ZeRO-2: one training step with eval_strategy="steps", then evaluate() and
+    predict() on 5 variable-length samples (batch 2: the last batch holds one sample) vs one process."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from longkit.deepspeed_ext.trainer import SequenceParallelTrainer
+
+    torch.manual_seed(SEED)
+    model = tiny_model("llama", initializer_range=0.3).train()  # spread-out losses: weighting errors show
+    gen = torch.Generator().manual_seed(SEED + 5)
+    train = eval_samples(2, 96, gen, (20, 21))
+    data = eval_samples(5, 96, gen)
+
+    ref = copy.deepcopy(model)  # the same single SGD step (2 samples = 1 batch), then the one-process eval
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    ref(**pad_collate(train), use_cache=False).loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+    ref_loss, naive_loss = reference_eval_loss(ref, data, [[0, 1], [2, 3], [4]])
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+              "optimizer": {"type": "SGD", "params": {"lr": 0.5, "momentum": 0.9}},
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}}}
+    res: dict = {"ref_loss": ref_loss, "naive_loss": naive_loss}
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                                 max_steps=1, eval_strategy="steps", eval_steps=1, learning_rate=0.5,
+                                 lr_scheduler_type="constant", deepspeed=config, use_cpu=True, report_to=[],
+                                 save_strategy="no", max_grad_norm=1.0)
+        trainer = SequenceParallelTrainer(model=model, args=args, train_dataset=train, eval_dataset=data,
+                                          data_collator=pad_collate)
+        trainer.train()
+        res["in_train_losses"] = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+        metrics = trainer.evaluate()
+        res["eval_loss"], res["eval_samples"] = metrics["eval_loss"], trainer.num_examples(
+            trainer.get_eval_dataloader())
+        try:
+            trainer.predict(data)  # prediction_loss_only=False: logits requested
+            res["predict_error"] = "no error"
+        except Exception as e:  # noqa: BLE001
+            res["predict_error"] = f"{type(e).__name__}: {e}"
+        try:
+            SequenceParallelTrainer(model=tiny_model("llama"), args=args, eval_dataset=data,
+                                    data_collator=pad_collate, compute_metrics=lambda p: {})
+            res["metrics_error"] = "no error"
+        except Exception as e:  # noqa: BLE001
+            res["metrics_error"] = f"{type(e).__name__}: {e}"
+        trainer.args.prediction_loss_only = True
+        pred = trainer.predict(data)
+        res["test_loss"], res["predictions"] = pred.metrics["test_loss"], pred.predictions
+    return res
+
+
+def with_trainer_eval_zero3_dp2() -> dict:
+    """SP size 1 on 2 processes (2 groups), ZeRO-3, evaluate() before train(): 5 samples over 2 groups.
+    Batch 2: group 0 gets samples [0, 2], [4]; group 1 [1, 3] and a batch holding only a filler sample (the
+    groups must run as many forwards: ZeRO-3 gathers parameters from both). Batch 3: [0, 2, 4] and
+    [1, 3, filler]. Every sample counts once."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from longkit.deepspeed_ext.trainer import SequenceParallelTrainer
+
+    torch.manual_seed(SEED)
+    model = tiny_model("qwen3", num_key_value_heads=1, initializer_range=0.3).train()
+    data = eval_samples(5, 96, torch.Generator().manual_seed(SEED + 6))
+    ref_loss, naive_loss = reference_eval_loss(copy.deepcopy(model), data, [[0, 2], [4], [1, 3]])
+    ref_loss3, _ = reference_eval_loss(copy.deepcopy(model), data, [[0, 2, 4], [1, 3]])
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+              "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 1}}}
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                                 learning_rate=0.1, deepspeed=config, use_cpu=True, report_to=[], save_strategy="no")
+        trainer = SequenceParallelTrainer(model=model, args=args, eval_dataset=data, data_collator=pad_collate)
+        loss = trainer.evaluate()["eval_loss"]
+        trainer.args.per_device_eval_batch_size = 3
+        loss3 = trainer.evaluate()["eval_loss"]
+    return {"ref_loss": ref_loss, "naive_loss": naive_loss, "eval_loss": loss, "ref_loss3": ref_loss3,
+            "eval_loss3": loss3}
+
+
 def errors() -> dict:
     """Messages of the errors that need a running process group."""
     from longkit.deepspeed_ext import initialize
@@ -286,7 +401,8 @@ def main() -> None:
     for name in names:
         try:
             special = {"train_steps": train_steps, "errors": errors, "accelerate": with_accelerate,
-                       "trainer": with_trainer}
+                       "trainer": with_trainer, "trainer_eval": with_trainer_eval,
+                       "trainer_eval_z3_dp2": with_trainer_eval_zero3_dp2}
             results[name] = special[name]() if name in special else run(name)
         except Exception as e:  # reported per scenario so one failure does not hide the others
             import traceback

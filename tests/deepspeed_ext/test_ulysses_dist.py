@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("deepspeed", reason="install the train extra: pip install -e '.[train]'")
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from sp_worker import SCENARIOS  # noqa: E402
+from sp_worker import SCENARIOS, eval_samples, pad_collate, reference_eval_loss  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def results(tmp_path_factory):
     env = {**os.environ, "LONGKIT_SP_SEED": str(seed), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29500 + seed % 1000), str(HERE / "sp_worker.py"), str(out), *SCENARIOS, "train_steps", "errors",
-           "accelerate", "trainer"]
+           "accelerate", "trainer", "trainer_eval", "trainer_eval_z3_dp2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"seed {seed}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     per_rank = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(2)]
@@ -76,6 +77,53 @@ def test_hf_trainer_subclass(results):
         r = res["trainer"]
         assert "error" not in r, f"seed {seed}: {r.get('trace', r['error'])}"
         assert r["max_param_err"] < 1e-5, (seed, r)
+
+
+def test_hf_trainer_evaluate_and_predict(results):
+    """SP=2 (one group), ZeRO-2: eval_loss after a training step (eval_strategy="steps", evaluate(), and
+    predict()'s test_loss) equals the one-process eval loss of the same weights on the same 5 samples;
+    predictions and compute_metrics raise a clear error on every rank instead of hanging."""
+    seed, per_rank = results
+    for rank, res in enumerate(per_rank):
+        r = res["trainer_eval"]
+        assert "error" not in r, f"seed {seed}: {r.get('trace', r['error'])}"
+        assert len(r["in_train_losses"]) == 1, (seed, rank, r)
+        for key in ("eval_loss", "test_loss"):
+            assert abs(r[key] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (seed, rank, key, r)
+        assert abs(r["in_train_losses"][0] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (seed, rank, r)
+        assert r["eval_samples"] == 5 and r["predictions"] is None, (seed, rank, r)
+        for key in ("predict_error", "metrics_error"):
+            assert r[key].startswith("NotImplementedError: SequenceParallelTrainer evaluates the loss only"), r[key]
+            assert "prediction_loss_only=True" in r[key], r[key]
+
+
+def test_hf_trainer_evaluate_two_groups_zero3(results):
+    """Two groups (SP size 1 on 2 processes), ZeRO-3, evaluate() before train(): 5 samples split 3 + 2, with a
+    filler-only batch on one group (batch 2) or a filler row in a batch (batch 3); no hang, every sample
+    counted once: the one-process loss of those batches."""
+    seed, per_rank = results
+    for rank, res in enumerate(per_rank):
+        r = res["trainer_eval_z3_dp2"]
+        assert "error" not in r, f"seed {seed}: {r.get('trace', r['error'])}"
+        assert abs(r["eval_loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (seed, rank, r)
+        assert abs(r["eval_loss3"] - r["ref_loss3"]) <= 1e-5 * abs(r["ref_loss3"]), (seed, rank, r)
+
+
+def test_reference_eval_loss_is_trainers(tmp_path):
+    """The reference above is what a plain one-process Trainer reports: batch losses weighted by batch size
+    (the last, partial batch counts once per sample, not eval_batch_size times)."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    from tests.utils import tiny_model
+
+    model = tiny_model("llama", initializer_range=0.3)
+    data = eval_samples(5, 96, torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little")))
+    ref_loss, _ = reference_eval_loss(copy.deepcopy(model), data, [[0, 1], [2, 3], [4]])
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, use_cpu=True, report_to=[])
+    got = Trainer(model=model, args=args, eval_dataset=data, data_collator=pad_collate).evaluate()["eval_loss"]
+    assert abs(got - ref_loss) <= 1e-5 * abs(ref_loss), (got, ref_loss)
 
 
 def test_clear_errors_under_a_process_group(results):
