@@ -233,6 +233,38 @@ def _split_kv_block(j0, j1, ds0, ds1, de, m_start, m_end, q_offset, n_global, n_
 
 
 @triton.jit
+def _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_r, hhi_r,
+                p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, start_n, n_global, n_local,
+                BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                HAS_PREFIX: tl.constexpr, GLOBAL: tl.constexpr, MODE: tl.constexpr):
+    """Unscaled scores ``q . k`` of a query-row tile against kv tile ``kt`` ([D, BLOCK_N]), masked to -inf
+    where invisible (``MODE`` as in :func:`_fwd_inner`), and ``need_g`` (1 when ``GLOBAL`` replaced sink
+    pairs outside the window by ``q_global . k_global``)."""
+    s = tl.dot(q, kt)
+    need_g = 0
+    if GLOBAL:
+        need_g = ((start_n < n_global) & ((p1 - start_n) >= n_local)).to(tl.int32)
+        if need_g != 0:
+            kgt = tl.load(kg_base + offs_n[None, :].to(tl.int64) * s_kgt + offs_d[:, None],
+                          mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
+            sg = tl.dot(qg, kgt)
+            is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
+            s = tl.where(is_g, sg, s)
+    if MODE == 0:
+        vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                       n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+        s = tl.where(vis, s, float("-inf"))
+    elif HAS_PREFIX:
+        full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
+                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+        if full == 0:
+            vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            s = tl.where(vis, s, float("-inf"))
+    return s, need_g
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
                lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
                sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi,
@@ -252,26 +284,9 @@ def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt,
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vt + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         # raw scores; the scale is applied once, inside exp2's argument (one FMA per score), m_i is scaled
-        s = tl.dot(q, kt)
-        if GLOBAL:
-            need_g = ((start_n < n_global) & ((p1 - start_n) >= n_local)).to(tl.int32)
-            if need_g != 0:
-                kgt = tl.load(kg_base + offs_n[None, :].to(tl.int64) * s_kgt + offs_d[:, None],
-                              mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
-                sg = tl.dot(qg, kgt)
-                is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
-                s = tl.where(is_g, sg, s)
-        if MODE == 0:
-            vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
-                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-            s = tl.where(vis, s, float("-inf"))
-        elif HAS_PREFIX:
-            full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
-                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-            if full == 0:
-                vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
-                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-                s = tl.where(vis, s, float("-inf"))
+        s, need_g = _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_r, hhi_r,
+                                p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, start_n, n_global, n_local,
+                                BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, GLOBAL, MODE)
         m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)  # scale > 0, so max commutes with it
         if MODE == 0 or HAS_PREFIX:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -402,27 +417,10 @@ def _dq_inner(dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_v
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * s_vt + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt) * sm_scale_log2
-        if GLOBAL:
-            need_g = ((start_n < n_global) & ((p1 - start_n) >= n_local)).to(tl.int32)
-            if need_g != 0:
-                kgt = tl.load(kg_base + offs_n[None, :].to(tl.int64) * s_kgt + offs_d[:, None],
-                              mask=(offs_n[None, :] < n_global) & d_ok[:, None], other=0.0)
-                sg = tl.dot(qg, kgt) * sm_scale_log2
-                is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
-                s = tl.where(is_g, sg, s)
-        if MODE == 0:
-            vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
-                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-            s = tl.where(vis, s, float("-inf"))
-        elif HAS_PREFIX:
-            full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
-                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-            if full == 0:
-                vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
-                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-                s = tl.where(vis, s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
+        s, need_g = _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_r, hhi_r,
+                                p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, start_n, n_global, n_local,
+                                BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, GLOBAL, MODE)
+        p = tl.math.exp2(s * sm_scale_log2 - lse[:, None])
         dp = tl.dot(do, vt)
         ds = p * (dp - delta[:, None])
         if GLOBAL:
