@@ -171,20 +171,30 @@ def worker(job_path: str, out_path: str) -> None:
         SamplingParams(temperature=0.0, max_tokens=8),
         use_tqdm=False,
     )
+    def drafter_timing() -> dict[str, float] | None:
+        # longkit only: the drafter's own timers (worker 0), to split a step into drafter and the rest.
+        if not job.get("drafter_state"):
+            return None
+        from longkit.vllm_plugins.spec import worker_drafter_state
+
+        return llm.collective_rpc(worker_drafter_state)[0]["timing"]
+
     results = {"init_s": init_s, "workloads": {}}
     for name, prompts in job["workloads"].items():
         params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"][name])
-        before = spec_decode_counters(llm)
+        before, timing0 = spec_decode_counters(llm), drafter_timing()
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         wall = time.perf_counter() - t
-        after = spec_decode_counters(llm)
+        after, timing1 = spec_decode_counters(llm), drafter_timing()
         results["workloads"][name] = {
             "wall_s": wall,
             "tokens": [list(o.outputs[0].token_ids) for o in outs],
             "spec": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after},
             "loadavg": os.getloadavg()[0],
         }
+        if timing0 is not None and timing1 is not None:
+            results["workloads"][name]["drafter_timing"] = {k: timing1[k] - timing0[k] for k in timing1}
     if job.get("drafter_state"):
         from longkit.vllm_plugins.spec import worker_drafter_state
 
@@ -213,6 +223,25 @@ def _run_method(method: str, job: dict[str, Any], tmp: Path, arctic_path: str | 
         print(log.read_text()[-3000:])
         return None
     return json.loads(out_path.read_text())
+
+
+def _drafter_cost(runs: list[dict[str, Any]], w: str) -> dict[str, Any]:
+    """longkit's own timers for workload ``w``: engine steps, drafter ms per step, share of the wall time."""
+    timings = [(r["workloads"][w].get("drafter_timing"), r["workloads"][w]["wall_s"]) for r in runs]
+    timings = [(t, wall) for t, wall in timings if t and t.get("steps")]
+    if not timings:
+        return {}
+
+    def spent(t: dict[str, float]) -> float:
+        return t["propose_s"] + t["hook_s"]
+
+    return {
+        "engine_steps": int(timings[0][0]["steps"]),
+        "drafter_ms_per_step": statistics.median(1e3 * spent(t) / t["steps"] for t, _ in timings),
+        "drafter_us_per_row": statistics.median(1e6 * t["propose_s"] / max(t["propose_rows"], 1) for t, _ in timings),
+        "drafter_share": statistics.median(spent(t) / wall for t, wall in timings),
+        "step_ms": statistics.median(1e3 * wall / t["steps"] for t, wall in timings),
+    }
 
 
 def _has_arctic(arctic_path: str | None) -> bool:
@@ -312,6 +341,7 @@ def main() -> None:
                     # Counters and tokens are deterministic; say so if a repeat disagreed.
                     "repeats_agree": all(r["workloads"][w]["tokens"] == res["tokens"] for r in runs),
                     "loadavg": round(statistics.median(r["workloads"][w]["loadavg"] for r in runs), 1),
+                    **_drafter_cost(runs, w),
                 }
             )
     cols = [
@@ -329,6 +359,10 @@ def main() -> None:
         "accepted",
         "identical",
         "loadavg",
+        "engine_steps",
+        "step_ms",
+        "drafter_ms_per_step",
+        "drafter_share",
     ]
     print_table(rows, cols, title=f"speculative decoding, {Path(model).name}, {args.dtype}, greedy")
     extra = {

@@ -19,6 +19,7 @@ from longkit.vllm_plugins.spec import (
     SuffixDrafter,
     SuffixSpecConfig,
     replay,
+    replay_batch,
 )
 from longkit.vllm_plugins.spec.method import rewrite_speculative_config
 
@@ -66,6 +67,22 @@ def test_automaton_match_is_matching_statistics():
             assert seq[end - n + 1 : end + 1] == ctx[-n:]
         lengths = [m for m, _ in sam.matches(ctx)]
         assert lengths == sorted(lengths, reverse=True) and (not lengths or lengths[0] == n)
+
+
+@pytest.mark.parametrize("max_len", [None, 1, 3, 6])
+def test_walk_resumes_in_pieces_and_caps_like_a_window(max_len):
+    rng = random.Random(max_len or 0)
+    for _ in range(100):
+        seq = [rng.randrange(3) for _ in range(rng.randrange(1, 40))]
+        sam = SuffixAutomaton()
+        sam.extend(seq)
+        ctx = [rng.randrange(3) for _ in range(rng.randrange(1, 25))]
+        state = (0, 0)
+        for i in range(len(ctx)):  # one token at a time, as a growing request feeds it
+            state = sam.walk(ctx[i : i + 1], state, max_len)
+            window = ctx[: i + 1] if max_len is None else ctx[max(0, i + 1 - max_len) : i + 1]
+            assert state == sam.walk(window)  # same state and length as a fresh walk of the window
+        assert list(sam.suffix_matches(*state)) == sam.matches(window)
 
 
 def test_copy_continues_a_periodic_tail_and_stops_at_separator():
@@ -140,6 +157,27 @@ def test_cache_random_operations_match_reference_through_rebuilds():
             want = next((L for L in range(len(ctx), 0, -1) if any(_occurs(v, ctx[-L:]) for v in ref.values())), 0)
             assert n == want
     assert c.indexed_tokens <= 2 * (c.num_tokens + len(c)) + 1024 + 16  # dead tokens are reclaimed
+
+
+def test_cache_matcher_equals_a_fresh_lookup_through_adds_evictions_and_rebuilds():
+    rng = random.Random(2)
+    c = OutputCache(max_sequences=5, max_tokens=50)
+    depth = 4
+    matchers = {}  # growing contexts, each with its own incremental matcher
+    contexts: dict[int, list[int]] = {}
+    for step in range(800):
+        op = rng.random()
+        if op < 0.15:
+            c.add(step, [rng.randrange(4) for _ in range(rng.randrange(1, 12))])  # new version
+        elif op < 0.2:
+            c.compact()
+        elif op < 0.25 or not contexts:
+            contexts[step], matchers[step] = [], c.matcher(depth)
+        key = rng.choice(list(contexts))
+        ctx = contexts[key]
+        ctx.extend(rng.randrange(4) for _ in range(rng.choice([0, 1, 1, 2, 7])))
+        max_tokens = rng.randrange(0, 6)
+        assert matchers[key].lookup(ctx, max_tokens) == c.lookup(ctx[-depth:], max_tokens), step
 
 
 # -- drafter -------------------------------------------------------------------------------------
@@ -276,6 +314,63 @@ def test_batch_drafter_respects_max_model_len():
     batch, n = _batch([("A", toks, 4)], max_len=10)
     bd.on_update_states(batch, set())
     assert len(bd.propose([[4]], n, batch.token_ids_cpu)[0]) == 1  # 10 - 8 - 1 tokens of room
+
+
+def test_batch_drafter_stops_drafts_at_max_tokens():
+    # vLLM verifies every draft token it gets, also past max_tokens: the drafter reads max_tokens from
+    # the runner's requests (the hook's live_req_ids mapping) and drafts at most max_tokens - outputs - 1.
+    cfg = SuffixSpecConfig(num_speculative_tokens=8, max_spec_factor=8.0, min_token_prob=0.0)
+    bd = BatchDrafter(cfg, max_model_len=64)
+    toks = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]  # prompt of 9, 3 outputs so far
+    batch, n = _batch([("A", toks, 9)])
+
+    def req(max_tokens):
+        return SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=max_tokens))
+
+    bd.on_update_states(batch, set(), {"A": req(100)})
+    full = [4, 5, 6, 7, 8, 9, 1, 2]
+    assert bd.propose([[3]], n, batch.token_ids_cpu) == [full]
+    for max_tokens, want in [(12, full), (7, full[:3]), (6, full[:2]), (5, full[:1]), (4, []), (3, [])]:
+        bd.on_update_states(batch, set(), {"A": req(max_tokens)})
+        assert bd.propose([[3]], n, batch.token_ids_cpu) == [want], max_tokens
+    bd.on_update_states(batch, set(), {"A": SimpleNamespace(sampling_params=None)})  # e.g. pooling
+    assert bd.propose([[3]], n, batch.token_ids_cpu) == [full]
+    assert bd.timing.steps == 8 and bd.timing.propose_calls == 8 and bd.timing.propose_rows == 8
+    assert bd.timing.propose_s > 0 and bd.timing.hook_s > 0
+
+
+def test_replay_batch_matches_per_request_replay_and_frees_state():
+    # Without the global cache and with fixed acceptance rates requests do not influence each other,
+    # so driving them as one vLLM batch (rows compacted as they finish) drafts exactly what replaying
+    # them one by one does.
+    rng = random.Random(3)
+    cfg = SuffixSpecConfig(num_speculative_tokens=6, max_spec_factor=2.0, max_cached_requests=0, adaptive=False)
+    prompts, outputs = [], []
+    for _ in range(5):
+        base = [rng.randrange(30) for _ in range(rng.randrange(5, 40))]
+        prompts.append(base)
+        outputs.append([t if rng.random() < 0.85 else rng.randrange(30) for t in base][: rng.randrange(1, 40)])
+    single = [replay(SuffixDrafter(cfg), i, p, o) for i, (p, o) in enumerate(zip(prompts, outputs))]
+    bd = BatchDrafter(cfg, max_model_len=4096)
+    batched, engine_steps = replay_batch(bd, prompts, outputs)
+    assert batched == single
+    assert engine_steps == max(r.steps for r in single) + 1  # + the step that delivers the last finish notices
+    assert bd.drafter.active_requests == set()
+    assert bd.timing.steps == engine_steps and bd.timing.propose_rows == sum(r.steps for r in single)
+    with pytest.raises(ValueError):
+        replay_batch(bd, prompts, outputs, max_tokens=[1] * 5)
+
+
+def test_replay_batch_with_the_global_cache_drafts_a_reasked_batch_in_full():
+    rng = random.Random(4)
+    prompts = [[rng.randrange(500) for _ in range(30)] for _ in range(3)]
+    outputs = [[rng.randrange(500, 900) for _ in range(40)] for _ in range(3)]
+    bd = BatchDrafter(SuffixSpecConfig(num_speculative_tokens=16), max_model_len=4096)
+    first, _ = replay_batch(bd, prompts, outputs, req_ids=["a0", "a1", "a2"])
+    again, steps = replay_batch(bd, prompts, outputs, req_ids=["b0", "b1", "b2"], max_tokens=[64] * 3)
+    assert sum(r.accepted_tokens for r in first) == 0
+    assert all(r.steps <= 4 for r in again) and steps < max(r.steps for r in first)
+    assert len(bd.drafter.cache) == 3  # identical outputs are stored once
 
 
 # -- config and method alias ---------------------------------------------------------------------

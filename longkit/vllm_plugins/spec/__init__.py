@@ -10,14 +10,22 @@ from .cache import OutputCache
 from .config import SuffixSpecConfig
 from .drafter import DraftStats, SuffixDrafter
 from .method import METHOD
-from .proposer import PROPOSER_PATH, BatchDrafter, SuffixProposer, spec_decode_counters, worker_drafter_state
-from .simulate import ReplayResult, replay
+from .proposer import (
+    PROPOSER_PATH,
+    BatchDrafter,
+    DrafterTiming,
+    SuffixProposer,
+    spec_decode_counters,
+    worker_drafter_state,
+)
+from .simulate import ReplayResult, replay, replay_batch
 
 __all__ = [
     "METHOD",
     "PROPOSER_PATH",
     "BatchDrafter",
     "DraftStats",
+    "DrafterTiming",
     "OutputCache",
     "ReplayResult",
     "SuffixAutomaton",
@@ -25,6 +33,7 @@ __all__ = [
     "SuffixProposer",
     "SuffixSpecConfig",
     "replay",
+    "replay_batch",
     "spec_decode_counters",
     "worker_drafter_state",
 ]

@@ -25,7 +25,7 @@ Examples::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = ["SEPARATOR", "SuffixAutomaton"]
 
@@ -67,59 +67,97 @@ class SuffixAutomaton:
 
     def extend(self, tokens: Iterable[int]) -> None:
         """Append tokens (amortised O(1) each) and update :attr:`match_len` / :attr:`match_end`."""
-        for t in tokens:
-            self._append(int(t))
-
-    def _append(self, token: int) -> None:
-        nxt, link, length, pos = self._next, self._link, self._len, self._pos
-        i = len(self.tokens)
-        self.tokens.append(token)
-        cur = len(length)
-        nxt.append({})
-        length.append(length[self._last] + 1)
-        link.append(0)
-        pos.append(i)
-        p = self._last
-        while p != -1 and token not in nxt[p]:
-            nxt[p][token] = cur
-            p = link[p]
-        if p != -1:
-            q = nxt[p][token]
-            if length[p] + 1 == length[q]:
-                link[cur] = q
+        # One loop with everything in locals: this is the drafter's hottest code (every prompt token
+        # and every generated token passes here once), so no per-token method call or attribute load.
+        toks, nxt, link, length, pos = self.tokens, self._next, self._link, self._len, self._pos
+        last = self._last
+        match_len, match_end = self.match_len, self.match_end
+        for token in tokens:
+            token = int(token)
+            i = len(toks)
+            toks.append(token)
+            cur = len(length)
+            nxt.append({})
+            length.append(length[last] + 1)
+            link.append(0)
+            pos.append(i)
+            p = last
+            while p != -1 and token not in nxt[p]:
+                nxt[p][token] = cur
+                p = link[p]
+            if p != -1:
+                q = nxt[p][token]
+                if length[p] + 1 == length[q]:
+                    link[cur] = q
+                else:
+                    clone = len(length)
+                    nxt.append(dict(nxt[q]))
+                    length.append(length[p] + 1)
+                    link.append(link[q])
+                    pos.append(pos[q])
+                    while p != -1 and nxt[p].get(token) == q:
+                        nxt[p][token] = clone
+                        p = link[p]
+                    link[q] = clone
+                    link[cur] = clone
+            last = cur
+            # link[cur] holds the longest suffix that also ends earlier. Read its earlier end before
+            # recording this newer one, so later copies prefer the most recent repetition.
+            v = link[cur]
+            if token == SEPARATOR or v <= 0:
+                match_len, match_end = 0, -1
             else:
-                clone = len(length)
-                nxt.append(dict(nxt[q]))
-                length.append(length[p] + 1)
-                link.append(link[q])
-                pos.append(pos[q])
-                while p != -1 and nxt[p].get(token) == q:
-                    nxt[p][token] = clone
-                    p = link[p]
-                link[q] = clone
-                link[cur] = clone
-        self._last = cur
-        # link[cur] holds the longest suffix that also ends earlier. Read its earlier end before
-        # recording this newer one, so later copies prefer the most recent repetition.
-        v = link[cur]
-        if token == SEPARATOR or v <= 0:
-            self.match_len, self.match_end = 0, -1
-        else:
-            self.match_len, self.match_end = length[v], pos[v]
-            pos[v] = i
+                match_len, match_end = length[v], pos[v]
+                pos[v] = i
+        self._last = last
+        self.match_len, self.match_end = match_len, match_end
 
-    def _walk(self, context: Sequence[int]) -> tuple[int, int]:
-        # Matching statistics: walk forward, fall back along suffix links on a mismatch.
+    def walk(
+        self, context: Iterable[int], state: tuple[int, int] = (0, 0), max_len: int | None = None
+    ) -> tuple[int, int]:
+        """Matching statistics, resumable: feed a context in pieces and get the same answer.
+
+        Args:
+            context: tokens to feed.
+            state: ``(state, length)`` returned by the previous call for the tokens before
+                ``context`` (``(0, 0)``: nothing fed yet). Valid only while the automaton is unchanged.
+            max_len: consider only suffixes of at most this many tokens (``None``: any length), i.e.
+                the answer for the last ``max_len`` tokens of everything fed so far.
+
+        Returns:
+            ``(state, length)``: the automaton state holding the longest suffix of everything fed that
+            occurs in the indexed sequence, and that suffix's length (``(0, 0)`` if none).
+        """
         nxt, link, length = self._next, self._link, self._len
-        v, n = 0, 0
+        v, n = state
         for t in context:
             t = int(t)
+            # Fall back along suffix links on a mismatch, then step.
             while v and t not in nxt[v]:
                 v = link[v]
                 n = length[v]
             step = nxt[v].get(t)
-            v, n = (0, 0) if step is None else (step, n + 1)
+            if step is None:
+                v, n = 0, 0
+                continue
+            v, n = step, n + 1
+            if max_len is not None and n > max_len:
+                n = max_len
+                while length[link[v]] >= n:  # the state that holds the suffix of length max_len
+                    v = link[v]
         return v, n
+
+    def suffix_matches(self, state: int, length: int) -> Iterator[tuple[int, int]]:
+        """``(length, end)`` of the match ``(state, length)`` from :meth:`walk`, then of its shorter
+        suffixes along suffix links (their stored occurrence may lie elsewhere), longest first."""
+        if length == 0:
+            return
+        link, lens, pos = self._link, self._len, self._pos
+        yield length, pos[state]
+        v = link[state]
+        while v > 0:
+            yield lens[v], pos[v]
+            v = link[v]
 
     def match(self, context: Sequence[int]) -> tuple[int, int]:
         """Longest suffix of ``context`` that occurs in the indexed sequence, O(len(context)).
@@ -128,7 +166,7 @@ class SuffixAutomaton:
             ``(length, end)``: the match length and the end index of one occurrence (``(0, -1)`` if
             not even the last token occurs).
         """
-        v, n = self._walk(context)
+        v, n = self.walk(context)
         return (n, self._pos[v]) if n else (0, -1)
 
     def matches(self, context: Sequence[int]) -> list[tuple[int, int]]:
@@ -137,15 +175,7 @@ class SuffixAutomaton:
         The first entry equals :meth:`match`; the others follow suffix links: shorter matches whose
         stored occurrence may lie elsewhere (the global cache uses them to skip evicted sequences).
         """
-        v, n = self._walk(context)
-        if n == 0:
-            return []
-        out = [(n, self._pos[v])]
-        v = self._link[v]
-        while v > 0:
-            out.append((self._len[v], self._pos[v]))
-            v = self._link[v]
-        return out
+        return list(self.suffix_matches(*self.walk(context)))
 
     def copy_from(self, end: int, max_tokens: int) -> list[int]:
         """Up to ``max_tokens`` tokens that followed position ``end``, LZ77-style.
@@ -154,18 +184,13 @@ class SuffixAutomaton:
         periodic tail ("a b a b a b") keeps drafting its period. Stops at a :data:`SEPARATOR`.
         """
         toks = self.tokens
-        n = len(toks)
-        out: list[int] = []
         src = end + 1
-        for _ in range(max_tokens):
-            if src < n:
-                t = toks[src]
-            elif src - n < len(out):
-                t = out[src - n]
-            else:  # ``end`` was the last index: nothing followed it
-                break
-            if t == SEPARATOR:
-                break
-            out.append(t)
-            src += 1
+        out = toks[src : src + max_tokens]
+        if SEPARATOR in out:
+            del out[out.index(SEPARATOR) :]
+        elif out and len(out) < max_tokens:
+            # Ran into the present: token j repeats token j - period of the copy itself.
+            period = len(out)
+            for j in range(period, max_tokens):
+                out.append(out[j - period])
         return out

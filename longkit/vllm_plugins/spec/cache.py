@@ -20,7 +20,7 @@ from collections.abc import Hashable, Sequence
 
 from .automaton import SEPARATOR, SuffixAutomaton
 
-__all__ = ["OutputCache"]
+__all__ = ["CacheMatcher", "OutputCache"]
 
 
 class OutputCache:
@@ -39,12 +39,16 @@ class OutputCache:
         self._by_content: dict[tuple[int, ...], Hashable] = {}
         self._content_of: dict[Hashable, tuple[int, ...]] = {}
         self._live_tokens = 0
+        # Bumped whenever the automaton changes (a sequence indexed, a rebuild): CacheMatcher states
+        # are valid only for the version they were computed on.
+        self._version = 0
         self._rebuild([])
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _rebuild(self, order: list[Hashable]) -> None:
         """Re-index the given live sequences (most recent first, so first occurrences are the newest)."""
         self._sam = SuffixAutomaton()
+        self._version += 1
         self._starts: list[int] = []
         self._keys: list[Hashable] = []
         self._dead_tokens = 0
@@ -57,6 +61,7 @@ class OutputCache:
 
     def _index(self, key: Hashable, seq: tuple[int, ...]) -> None:
         start = len(self._sam)
+        self._version += 1
         self._sam.extend(seq)
         self._sam.extend((SEPARATOR,))
         self._starts.append(start)
@@ -136,8 +141,58 @@ class OutputCache:
         """
         if not self._live or max_tokens <= 0:
             return 0, [], None
-        for n, end in self._sam.matches(context):
+        return self._continuation(*self._sam.walk(context), max_tokens)
+
+    def matcher(self, depth: int) -> CacheMatcher:
+        """An incremental :meth:`lookup` of the last ``depth`` tokens of one growing context."""
+        return CacheMatcher(self, depth)
+
+    def _continuation(self, state: int, length: int, max_tokens: int) -> tuple[int, list[int], Hashable | None]:
+        for n, end in self._sam.suffix_matches(state, length):
             key = self._owner(end)
             if key is not None:
                 return n, self._sam.copy_from(end, max_tokens), key
         return 0, [], None
+
+
+class CacheMatcher:
+    """:meth:`OutputCache.lookup` of a growing context's last ``depth`` tokens, in O(new tokens).
+
+    Matching statistics capped at ``depth`` carry over from one call to the next, so each call feeds
+    only the tokens appended since the previous one (a fresh lookup walks all ``depth``). The answer is
+    the same as ``cache.lookup(tokens[-depth:], max_tokens)``. When the cache's automaton changed (a
+    sequence was added, or it was rebuilt) the state is recomputed from the last ``depth`` tokens.
+
+    Args:
+        cache: the cache to match against.
+        depth: context tokens considered (the drafter's ``max_depth``).
+    """
+
+    __slots__ = ("_cache", "_depth", "_version", "_state", "_len", "_seen")
+
+    def __init__(self, cache: OutputCache, depth: int) -> None:
+        self._cache = cache
+        self._depth = depth
+        self._version = -1
+        self._state = self._len = self._seen = 0
+
+    def lookup(self, tokens: Sequence[int], max_tokens: int) -> tuple[int, list[int], Hashable | None]:
+        """Like ``cache.lookup(tokens[-depth:], max_tokens)``; ``tokens`` must extend the previous call's.
+
+        Returns:
+            ``(match_len, continuation, key)``; ``(0, [], None)`` if nothing live matches.
+        """
+        cache = self._cache
+        if not cache._live or max_tokens <= 0:
+            return 0, [], None
+        total, start = len(tokens), self._seen
+        if self._version != cache._version or not 0 <= total - start <= self._depth:
+            self._version = cache._version
+            self._state = self._len = 0
+            start = max(0, total - self._depth)
+        if start < total:
+            self._state, self._len = cache._sam.walk(
+                tokens[start:total], (self._state, self._len), self._depth
+            )
+        self._seen = total
+        return cache._continuation(self._state, self._len, max_tokens)

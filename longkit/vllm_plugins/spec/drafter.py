@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .automaton import SuffixAutomaton
-from .cache import OutputCache
+from .cache import CacheMatcher, OutputCache
 from .config import SuffixSpecConfig
 
 __all__ = ["DraftStats", "SuffixDrafter"]
@@ -80,6 +80,8 @@ class _Request:
     num_prompt_tokens: int
     # The last draft (tokens, source, bucket), compared with the tokens appended next.
     pending: tuple[list[int], int, int] | None = None
+    # Incremental global-cache lookup of this request's last ``max_depth`` tokens (made on first use).
+    matcher: CacheMatcher | None = None
 
 
 class SuffixDrafter:
@@ -218,8 +220,9 @@ class SuffixDrafter:
             if k > 0:
                 best = (exp, sam.copy_from(sam.match_end, k), LOCAL, sam.match_len, None)
         if len(self.cache):
-            context = sam.tokens[-self.config.max_depth :]
-            n, cont, key = self.cache.lookup(context, limit)
+            if r.matcher is None:
+                r.matcher = self.cache.matcher(self.config.max_depth)
+            n, cont, key = r.matcher.lookup(sam.tokens, limit)
             if n > 0 and cont:
                 k, exp = self._plan(GLOBAL, n, len(cont), limit)
                 if k > 0 and exp > best[0]:

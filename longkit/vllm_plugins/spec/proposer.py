@@ -14,16 +14,44 @@ asked for it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Hashable, Iterable, Sequence
+import time
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import SuffixSpecConfig
 from .drafter import SuffixDrafter
 
-__all__ = ["PROPOSER_PATH", "BatchDrafter", "SuffixProposer", "install_runner_hook", "worker_drafter_state"]
+__all__ = [
+    "PROPOSER_PATH",
+    "BatchDrafter",
+    "DrafterTiming",
+    "SuffixProposer",
+    "install_runner_hook",
+    "worker_drafter_state",
+]
 
 PROPOSER_PATH = "longkit.vllm_plugins.spec.SuffixProposer"
 _HOOK_TAG = "longkit.spec.runner_update_states"
+
+
+@dataclass
+class DrafterTiming:
+    """Where the drafter's time goes inside vLLM (cumulative; ``perf_counter`` around each call).
+
+    Attributes:
+        steps: scheduler steps seen by the runner hook (prefill and decode steps alike).
+        hook_s: seconds in :meth:`BatchDrafter.on_update_states` (finish notices, cache inserts).
+        propose_calls: calls of :meth:`BatchDrafter.propose` (one per step that drafts).
+        propose_rows: rows that were drafted for (request-steps; partial prefills excluded).
+        propose_s: seconds in :meth:`BatchDrafter.propose` (index update + drafting + glue).
+    """
+
+    steps: int = 0
+    hook_s: float = 0.0
+    propose_calls: int = 0
+    propose_rows: int = 0
+    propose_s: float = 0.0
 
 
 class BatchDrafter:
@@ -38,6 +66,8 @@ class BatchDrafter:
         self.drafter = SuffixDrafter(config)
         self.max_model_len = int(max_model_len)
         self._batch: Any = None
+        self._requests: Mapping[Hashable, Any] | None = None
+        self.timing = DrafterTiming()
 
     def on_update_states(
         self, input_batch: Any, finished_req_ids: Iterable[Hashable], live_req_ids: Iterable[Hashable] | None = None
@@ -50,13 +80,20 @@ class BatchDrafter:
             live_req_ids: every request the runner still holds (scheduled or not); state of any other
                 request is freed as well, so nothing can leak if a finish notice is missed.
         """
+        t0 = time.perf_counter()
         self._batch = input_batch
+        # vLLM passes the runner's ``requests`` dict (id -> CachedRequestState): it also gives each
+        # request's ``max_tokens``, so no draft runs past the end of the output (see ``propose``).
+        self._requests = live_req_ids if isinstance(live_req_ids, Mapping) else None
         for req_id in finished_req_ids:
             self.drafter.finish(req_id)
         if live_req_ids is not None:
             live = live_req_ids if isinstance(live_req_ids, set | dict) else set(live_req_ids)
             for req_id in [r for r in self.drafter.active_requests if r not in live]:
                 self.drafter.finish(req_id)
+        timing = self.timing
+        timing.steps += 1
+        timing.hook_s += time.perf_counter() - t0
 
     def propose(
         self,
@@ -76,6 +113,7 @@ class BatchDrafter:
         Returns:
             One list of draft token ids per row (possibly empty, lengths vary).
         """
+        t0 = time.perf_counter()
         batch = self._batch
         if batch is None:
             raise RuntimeError(
@@ -88,21 +126,45 @@ class BatchDrafter:
                 "with request ids that may not match the rows"
             )
         req_ids = batch.req_ids
-        num_prompt = batch.num_prompt_tokens
+        rows = len(sampled_token_ids)
+        # Per-row scalars as Python ints in one call each (indexing NumPy arrays per row is slower).
+        num_tokens = _ints(num_tokens_no_spec, rows)
+        num_prompt = _ints(batch.num_prompt_tokens, rows)
+        requests = self._requests
+        drafter, max_model_len = self.drafter, self.max_model_len
         drafts: list[list[int]] = []
+        drafted_rows = 0
         for i, sampled in enumerate(sampled_token_ids):
-            if len(sampled) == 0:
+            if not len(sampled):  # partial prefill: nothing sampled, nothing to draft
                 drafts.append([])
                 continue
+            drafted_rows += 1
             req_id = req_ids[i]
-            n = int(num_tokens_no_spec[i])
-            self.drafter.update(req_id, token_ids_cpu[i, :n], int(num_prompt[i]))
-            room = self.max_model_len - n - 1
-            drafts.append(self.drafter.propose(req_id, room) if room > 0 else [])
+            n = num_tokens[i]
+            drafter.update(req_id, token_ids_cpu[i, :n], num_prompt[i])
+            room = max_model_len - n - 1
+            if requests is not None:
+                # vLLM verifies every draft token it is given, also past max_tokens (and then drops the
+                # accepted surplus): at most max_tokens - outputs - 1 can count, the model adds one.
+                params = getattr(requests.get(req_id), "sampling_params", None)
+                max_tokens = getattr(params, "max_tokens", None)
+                if max_tokens is not None:
+                    room = min(room, max_tokens - (n - num_prompt[i]) - 1)
+            drafts.append(drafter.propose(req_id, room) if room > 0 else [])
+        timing = self.timing
+        timing.propose_calls += 1
+        timing.propose_rows += drafted_rows
+        timing.propose_s += time.perf_counter() - t0
         return drafts
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No model to load (vLLM calls this on every drafter)."""
+
+
+def _ints(values: Any, n: int) -> list[int]:
+    """The first ``n`` entries of a NumPy array or sequence as Python ints."""
+    head = values[:n]
+    return head.tolist() if hasattr(head, "tolist") else [int(v) for v in head]
 
 
 def install_runner_hook() -> bool:
@@ -202,4 +264,5 @@ def worker_drafter_state(worker: Any) -> dict[str, Any] | None:
         "draft_tokens": d.stats.draft_tokens,
         "accepted_tokens": d.stats.accepted_tokens,
         "by_source": {"local": d.stats.by_source[0], "global": d.stats.by_source[1]},
+        "timing": asdict(drafter.timing),
     }

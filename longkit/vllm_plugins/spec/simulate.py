@@ -5,16 +5,24 @@ given the model's output for a prompt, the speculative run is fully determined: 
 draft's longest prefix that agrees with the output, plus one token from the model. :func:`replay`
 emulates that loop (the same calls vLLM makes: ``update`` with the committed tokens, then
 ``propose``), which makes drafter behaviour testable and tunable on recorded outputs in milliseconds.
+:func:`replay_batch` drives a :class:`BatchDrafter` the way vLLM's runner does (a persistent NumPy token
+buffer, rows compacted when requests finish, finish notices one step late), so the vLLM glue is
+timed and tested too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from .drafter import SuffixDrafter
 
-__all__ = ["ReplayResult", "replay"]
+if TYPE_CHECKING:
+    from .proposer import BatchDrafter
+
+__all__ = ["ReplayResult", "replay", "replay_batch"]
 
 
 @dataclass
@@ -66,7 +74,8 @@ def replay(
     while done < len(output):
         drafter.update(req_id, tokens, len(prompt))
         remaining = len(output) - done
-        # vLLM never verifies drafts past max_tokens: at most remaining - 1 plus the model's own token.
+        # Drafts stop at max_tokens (= the output length here), as BatchDrafter stops them inside vLLM:
+        # at most remaining - 1 draft tokens plus the model's own token can count.
         draft = drafter.propose(req_id)[: remaining - 1]
         a = 0
         while a < len(draft) and draft[a] == output[done + a]:
@@ -81,3 +90,103 @@ def replay(
     if finish:
         drafter.finish(req_id)
     return ReplayResult(steps, len(output), drafted, accepted)
+
+
+def replay_batch(
+    drafter: BatchDrafter,
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    req_ids: Sequence[Hashable] | None = None,
+    max_tokens: Sequence[int] | None = None,
+) -> tuple[list[ReplayResult], int]:
+    """Replay a batch of greedy requests through ``drafter`` as vLLM's runner would (no model).
+
+    Per engine step: the runner hook gets the batch and the ids that finished in the previous step,
+    then ``propose`` gets every row's newly sampled tokens, ``num_tokens_no_spec`` and the shared
+    ``token_ids_cpu`` buffer. All requests start together (one prefill step); a request that emitted
+    its last token is still drafted for in that step (vLLM learns it finished only afterwards) and
+    its row is removed, the rows after it moving up, in the next step. As in vLLM 0.32, every draft
+    token is verified, also past the request's ``max_tokens`` (the runner hook's ``requests`` mapping
+    gives the drafter each request's ``max_tokens``, as vLLM's does); draft tokens past the end of the
+    recorded output count as rejected.
+
+    Args:
+        drafter: the batch drafter (its global cache and acceptance estimates carry over).
+        prompts: prompt token ids per request.
+        outputs: the model's greedy output per request (at least one token each).
+        req_ids: ids (default ``"0"``, ``"1"``, ...).
+        max_tokens: each request's ``max_tokens`` (default: its output length, i.e. every output
+            ended at the length limit; pass the real limit for outputs that ended at EOS).
+
+    Returns:
+        ``(per-request results, engine steps)``; the steps include the final one that delivers the
+        last finish notices.
+    """
+    import numpy as np
+
+    if len(prompts) != len(outputs):
+        raise ValueError("replay_batch needs one output per prompt")
+    if any(len(o) == 0 for o in outputs):
+        raise ValueError("replay_batch needs at least one output token per request")
+    ids = list(req_ids) if req_ids is not None else [str(i) for i in range(len(prompts))]
+    limits = list(max_tokens) if max_tokens is not None else [len(o) for o in outputs]
+    if any(m < len(o) for m, o in zip(limits, outputs)):
+        raise ValueError("replay_batch: an output is longer than its max_tokens")
+    # What the runner hook passes as live requests: id -> state with ``sampling_params.max_tokens``.
+    requests = {
+        i: SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=m)) for i, m in zip(ids, limits)
+    }
+    width = max(len(p) + len(o) for p, o in zip(prompts, outputs))
+    buf = np.zeros((max(len(prompts), 1), width), dtype=np.int32)
+    for row, (p, o) in enumerate(zip(prompts, outputs)):
+        buf[row, : len(p)] = p
+        buf[row, len(p)] = o[0]  # the prefill step samples the first output token
+    batch = SimpleNamespace(
+        req_ids=list(ids),
+        num_prompt_tokens=np.array([len(p) for p in prompts], dtype=np.int32),
+        token_ids_cpu=buf,
+    )
+    index = list(range(len(prompts)))  # request index of each row
+    done = [1] * len(prompts)
+    sampled = [[int(o[0])] for o in outputs]
+    steps, drafted, accepted = [1] * len(prompts), [0] * len(prompts), [0] * len(prompts)
+    finished: list[Hashable] = []
+    engine_steps = 0
+    while index:
+        engine_steps += 1
+        drafter.on_update_states(batch, finished, {i: requests[i] for i in batch.req_ids})
+        num_tokens = np.array([len(prompts[j]) + done[j] for j in index], dtype=np.int32)
+        drafts = drafter.propose(sampled, num_tokens, buf)
+        finished, keep = [], []
+        for row, j in enumerate(index):
+            out, d = outputs[j], done[j]
+            if d == len(out):
+                finished.append(ids[j])
+                continue
+            keep.append(j)
+            draft = list(drafts[row])
+            a, limit = 0, min(len(draft), len(out) - d)
+            while a < limit and draft[a] == out[d + a]:
+                a += 1
+            new = [int(t) for t in out[d : d + a + 1]]
+            drafted[j] += len(draft)
+            accepted[j] += a
+            steps[j] += 1
+            start = len(prompts[j]) + d
+            buf[row, start : start + len(new)] = new
+            sampled[row] = new
+            done[j] += len(new)
+        if finished:  # condense: rows of finished requests are removed, later rows move up
+            kept = set(keep)
+            rows = [row for row, j in enumerate(index) if j in kept]
+            buf[: len(rows)] = buf[rows]
+            batch.num_prompt_tokens[: len(rows)] = batch.num_prompt_tokens[rows]
+            sampled = [sampled[row] for row in rows]
+            index = keep
+            batch.req_ids = [ids[j] for j in index]
+    drafter.on_update_states(batch, finished, {})
+    engine_steps += 1
+    results = [
+        ReplayResult(steps[j], len(outputs[j]), drafted[j], accepted[j]) for j in range(len(prompts))
+    ]
+    return results, engine_steps
