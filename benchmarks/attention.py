@@ -256,7 +256,9 @@ def precompile(args: argparse.Namespace, workers: int) -> None:
 
     t0 = time.time()
     common = [sys.executable, __file__, "--warm-only"]
-    if args.no_flex:
+    if args.no_flex or not args.sweep:
+        # only longkit's Triton kernels: Flex's Inductor compile starts its own worker pool per process, and
+        # 15 such processes on 16 cores thrashed (an H200 run timed out before the first row)
         common.append("--no-flex")
     if args.no_bwd:
         common.append("--no-bwd")
@@ -298,7 +300,7 @@ def main() -> None:
     ap.add_argument("--bwd-cfgs", nargs="*", default=None, help="sweep: 'dkdv;dq' backward configs")
     ap.add_argument("--ref-kernel", nargs="*", default=[], help="sweep: older flash.py files timed alongside")
     ap.add_argument("--precompile-workers", type=int, default=0,
-                    help="compile all kernels first in this many parallel processes (warms the disk caches)")
+                    help="compile longkit's kernels first in this many parallel processes (warms Triton's disk cache)")
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.precompile_workers > 0 and not args.warm_only:
