@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,11 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks._harness import print_table, save_results  # noqa: E402
 
 
-def _instrument(bd: Any, clock: dict[str, float], drafts: list[Any]) -> None:
-    """Time the drafter's parts on this instance (a wrapper costs ~0.2 µs per call)."""
-    d = bd.drafter
+def _instrument(bd: Any, clock: dict[str, float], drafts: list[Any]) -> Callable[[], None]:
+    """Time the drafter's parts on this instance (a wrapper costs ~0.2 µs per call); returns the undo."""
+    from longkit.vllm_plugins.spec.cache import CacheMatcher
 
-    def timed(obj: Any, name: str, key: str, record: bool = False) -> None:
-        fn = getattr(obj, name)
-
+    def wrap(fn: Callable[..., Any], key: str, record: bool = False) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
             out = fn(*args, **kwargs)
@@ -44,30 +43,21 @@ def _instrument(bd: Any, clock: dict[str, float], drafts: list[Any]) -> None:
                 drafts.append(out)
             return out
 
-        setattr(obj, name, wrapper)
+        return wrapper
 
-    timed(d, "update", "update")
-    timed(d, "propose", "draft")
-    timed(bd, "propose", "glue_total", record=True)
-    timed(d.cache, "lookup", "cache_lookup")
-    # Newer drafters look up the cache through a per-request CacheMatcher: time its lookups too.
-    from longkit.vllm_plugins.spec import cache as cache_mod
+    d = bd.drafter
+    d.update = wrap(d.update, "update")
+    d.propose = wrap(d.propose, "draft")
+    bd.propose = wrap(bd.propose, "glue_total", record=True)
+    lookup = CacheMatcher.lookup  # per-request matchers are made on first use: patch the class
+    CacheMatcher.lookup = wrap(lookup, "cache_lookup")
 
-    matcher = getattr(cache_mod, "CacheMatcher", None)
-    if matcher is not None and "lookup" in vars(matcher):
-        orig = vars(matcher)["lookup"]
-        _patched.append((matcher, "lookup", orig))
+    def undo() -> None:
+        for obj, attr in ((d, "update"), (d, "propose"), (bd, "propose")):
+            vars(obj).pop(attr)
+        CacheMatcher.lookup = lookup
 
-        def lookup(self: Any, *args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            out = orig(self, *args, **kwargs)
-            clock["cache_lookup"] += time.perf_counter() - t
-            return out
-
-        matcher.lookup = lookup
-
-
-_patched: list[tuple[Any, str, Any]] = []
+    return undo
 
 
 def run_once(workloads: dict[str, tuple[list[list[int]], list[list[int]], int]], breakdown: bool) -> dict[str, Any]:
@@ -78,19 +68,12 @@ def run_once(workloads: dict[str, tuple[list[list[int]], list[list[int]], int]],
     for name, (prompts, outputs, max_tokens) in workloads.items():
         clock = dict.fromkeys(("update", "draft", "cache_lookup", "glue_total"), 0.0)
         drafts: list[Any] = []
-        if breakdown:
-            _instrument(bd, clock, drafts)
+        undo = _instrument(bd, clock, drafts) if breakdown else None
         before = dict(vars(bd.timing))
         ids = [f"{name}-{i}" for i in range(len(prompts))]
         results, engine_steps = replay_batch(bd, prompts, outputs, req_ids=ids, max_tokens=[max_tokens] * len(prompts))
-        for attr in ("propose",):  # undo the wrappers
-            vars(bd).pop(attr, None)
-        for obj in (bd.drafter, bd.drafter.cache):
-            for attr in ("update", "propose", "lookup"):
-                vars(obj).pop(attr, None)
-        while _patched:
-            cls, attr, fn = _patched.pop()
-            setattr(cls, attr, fn)
+        if undo is not None:
+            undo()
         t = {k: v - before[k] for k, v in vars(bd.timing).items()}
         out[name] = {
             "engine_steps": engine_steps,
@@ -148,12 +131,14 @@ def main() -> None:
         )
     all_s = [sum(r[w]["propose_s"] + r[w]["hook_s"] for w in workloads) for r in timed_runs]
     all_rows = sum(timed_runs[0][w]["rows"] for w in workloads)
+    overall = {"request_steps": all_rows, "min_ms": 1e3 * min(all_s), "median_ms": 1e3 * statistics.median(all_s),
+               "us_per_request_step": 1e6 * min(all_s) / all_rows}
     print_table(rows, title="longkit_suffix drafter cost (replay, no vLLM)")
-    print(f"\nall workloads: {1e3 * min(all_s):.1f} ms for {all_rows} request-steps "
-          f"({1e6 * min(all_s) / all_rows:.1f} us each, hook included; min of {args.repeats}; "
-          f"median {1e3 * statistics.median(all_s):.1f} ms)")
+    print(f"\nall workloads: {overall['min_ms']:.1f} ms for {all_rows} request-steps "
+          f"({overall['us_per_request_step']:.1f} us each, hook included; min of {args.repeats}; "
+          f"median {overall['median_ms']:.1f} ms)")
     if args.name:
-        save_results(args.name, rows, {"workdir": str(wd), "repeats": args.repeats})
+        save_results(args.name, rows, {"workdir": str(wd), "repeats": args.repeats, "all_workloads": overall})
 
 
 if __name__ == "__main__":
