@@ -184,9 +184,7 @@ def sweep(args: argparse.Namespace) -> None:
     fwd_cfgs = args.fwd_cfgs if args.fwd_cfgs is not None else FWD_SWEEP
     bwd_cfgs = args.bwd_cfgs if args.bwd_cfgs is not None else BWD_SWEEP
     rows = []
-    mod_now = [flash]
-
-    def record(row: dict[str, Any], fn) -> None:  # noqa: ANN001
+    def record(row: dict[str, Any], fn, mod) -> None:  # noqa: ANN001
         try:
             if args.warm_only:
                 fn()
@@ -195,9 +193,9 @@ def sweep(args: argparse.Namespace) -> None:
             if row["pass"] == "bwd":
                 row.update(kernel_ms(fn))
             ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-            if hasattr(mod_now[0], "launch_stats"):
+            if hasattr(mod, "launch_stats"):  # older kernel files may lack it
                 keys = ("fwd",) if row["pass"] == "fwd" else ("bwd_dkdv", "bwd_dq")
-                stats = mod_now[0].launch_stats()
+                stats = mod.launch_stats()
                 row["regs/spills"] = " ".join(f"{k_}:{stats[k_]['regs']}/{stats[k_]['spills']}"
                                               for k_ in keys if k_ in stats)
             mult = 2.5 if row["pass"] == "bwd" else 1.0
@@ -221,22 +219,21 @@ def sweep(args: argparse.Namespace) -> None:
             geo = (mask.cu_seqlens, mask.prefix_segments, 0, mask.n_global, n_local, D ** -0.5)
             base = {"D": D, "T": L, "mask": kind}
             for label, mod in mods:
-                mod_now[0] = mod
                 out, lse = mod.flash_masked_attention_fwd(q, k, v, qg, kg, *geo)
-                cfgs_f = fwd_cfgs if label == "current" else [None]
-                cfgs_b = bwd_cfgs if label == "current" else [None]
-                for cfg in [None, *cfgs_f] if label == "current" else cfgs_f:
+                # None = the launcher's own default; the config list applies to the current kernel only
+                extra_f, extra_b = (fwd_cfgs, bwd_cfgs) if label == "current" else ([], [])
+                for cfg in [None, *extra_f]:
                     if cfg is not None:
                         os.environ["LONGKIT_ATTN_FWD_CONFIG"] = cfg
                     record({**base, "kernel": label, "pass": "fwd", "cfg": cfg or "default"},
-                           lambda mod=mod: mod.flash_masked_attention_fwd(q, k, v, qg, kg, *geo))
+                           lambda mod=mod: mod.flash_masked_attention_fwd(q, k, v, qg, kg, *geo), mod)
                     os.environ.pop("LONGKIT_ATTN_FWD_CONFIG", None)
-                for cfg in [None, *cfgs_b] if label == "current" else cfgs_b:
+                for cfg in [None, *extra_b]:
                     if cfg is not None:
                         os.environ["LONGKIT_ATTN_BWD_CONFIG"] = cfg
                     record({**base, "kernel": label, "pass": "bwd", "cfg": cfg or "default"},
                            lambda mod=mod, out=out, lse=lse: mod.flash_masked_attention_bwd(
-                               do, None, q, k, v, out, lse, qg, kg, *geo))
+                               do, None, q, k, v, out, lse, qg, kg, *geo), mod)
                     os.environ.pop("LONGKIT_ATTN_BWD_CONFIG", None)
             torch.cuda.empty_cache()
     if args.warm_only:
