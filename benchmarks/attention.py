@@ -4,10 +4,11 @@ TFLOP/s count only visible (query, key) pairs, exactly (per-row closed forms): f
 forward+backward = 3.5x forward. Usage (on a GPU)::
 
     PYTHONPATH=. python benchmarks/attention.py --out-dir $OUT [--hd 64 128] [--seqlens 4096 16384 65536]
-        [--masks causal lambda lambda_qglobal documents shared_prefix] [--no-flex] [--tag part1]
+        [--masks causal causal_gqa lambda lambda_qglobal documents shared_prefix] [--no-flex] [--tag part1]
 
-Shapes: B·T = 65536 tokens, H = 32 (MHA). Documents / shared prefix need B = 1 (packed), so they use
-one row of T tokens and H = 32·(65536 // T) heads (the same token·head volume).
+Shapes: B·T = 65536 tokens, H = 32 (MHA; ``causal_gqa``: 32 query heads on 8 kv heads, as Llama-3-8B).
+Documents / shared prefix need B = 1 (packed), so they use one row of T tokens and H = 32·(65536 // T)
+heads (the same token·head volume).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def _doc_lengths(total: int, lo: int, hi: int, seed: int) -> list[int]:
 def make_case(kind: str, T: int, device: str) -> dict[str, Any]:
     """Mask, batch, heads, lengths and flex mask_mod for a mask kind at sequence length ``T``."""
     tokens = 65536
-    if kind in ("causal", "lambda", "lambda_qglobal"):
+    if kind in ("causal", "causal_gqa", "lambda", "lambda_qglobal"):
         B, H, L = max(1, tokens // T), 32, T
-        mask = causal() if kind == "causal" else sink_window(N_GLOBAL, N_LOCAL)
-        return {"mask": mask, "B": B, "H": H, "T": L, "doc": None, "seg": None}
+        mask = causal() if kind.startswith("causal") else sink_window(N_GLOBAL, N_LOCAL)
+        return {"mask": mask, "B": B, "H": H, "Hkv": 8 if kind == "causal_gqa" else H, "T": L, "doc": None,
+                "seg": None}
     H = 32 * max(1, tokens // T)
     if kind == "documents":
         lens = _doc_lengths(T, 256, 4096, seed=T)
@@ -63,7 +65,7 @@ def make_case(kind: str, T: int, device: str) -> dict[str, Any]:
     if segs is not None:
         seg = torch.tensor(segs, dtype=torch.int32, device=device)
         mask = mask & shared_prefix(seg)
-    return {"mask": mask, "B": 1, "H": H, "T": int(cu[-1]), "doc": cu, "seg": seg}
+    return {"mask": mask, "B": 1, "H": H, "Hkv": H, "T": int(cu[-1]), "doc": cu, "seg": seg}
 
 
 def visible_pairs(mask: AttentionMask, B: int, T: int) -> int:
@@ -184,6 +186,8 @@ def sweep(args: argparse.Namespace) -> None:
     fwd_cfgs = args.fwd_cfgs if args.fwd_cfgs is not None else FWD_SWEEP
     bwd_cfgs = args.bwd_cfgs if args.bwd_cfgs is not None else BWD_SWEEP
     rows = []
+    reference: dict[tuple, list[torch.Tensor]] = {}
+
     def record(row: dict[str, Any], fn, mod) -> None:  # noqa: ANN001
         try:
             if args.warm_only:
@@ -200,6 +204,12 @@ def sweep(args: argparse.Namespace) -> None:
                                               for k_ in keys if k_ in stats)
             mult = 2.5 if row["pass"] == "bwd" else 1.0
             row.update(ms=ms, tflops=mult * flops / ms / 1e9)
+            # every variant must give the current default's result (relative max error over all outputs)
+            got = [t for t in fn() if t is not None]
+            key = (row["mask"], row["D"], row["pass"])
+            ref = reference.setdefault(key, got)
+            row["rel_err"] = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+                                 for a, b in zip(got, ref))
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
         rows.append(row)
@@ -209,7 +219,8 @@ def sweep(args: argparse.Namespace) -> None:
         for kind in args.masks:
             case = make_case(kind, args.seqlens[0], "cuda")
             B, H, L, mask = case["B"], case["H"], case["T"], case["mask"]
-            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(B, case["Hkv"], L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             do = torch.randn_like(q)
             qg = kg = None
             if kind == "lambda_qglobal":
@@ -235,11 +246,12 @@ def sweep(args: argparse.Namespace) -> None:
                            lambda mod=mod, out=out, lse=lse: mod.flash_masked_attention_bwd(
                                do, None, q, k, v, out, lse, qg, kg, *geo), mod)
                     os.environ.pop("LONGKIT_ATTN_BWD_CONFIG", None)
+            reference.clear()
             torch.cuda.empty_cache()
     if args.warm_only:
         return
     print_table(rows, ["D", "T", "mask", "kernel", "pass", "cfg", "ms", "tflops", "bwd_dkdv", "bwd_dq",
-                       "bwd_preprocess", "regs/spills", "error"], title="kernel config sweep, bf16")
+                       "bwd_preprocess", "regs/spills", "rel_err", "error"], title="kernel config sweep, bf16")
     save_results(f"attention_sweep{args.tag}", rows, None, args.out_dir)
 
 
@@ -287,7 +299,7 @@ def main() -> None:
     ap.add_argument("--hd", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--masks", nargs="+",
-                    default=["causal", "lambda", "lambda_qglobal", "documents", "shared_prefix"])
+                    default=["causal", "causal_gqa", "lambda", "lambda_qglobal", "documents", "shared_prefix"])
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=None)
@@ -328,7 +340,8 @@ def main() -> None:
                 def r(*s: int) -> torch.Tensor:
                     return torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_(True)
 
-                q, k, v = r(B, H, L, D), r(B, H, L, D), r(B, H, L, D)
+                Hkv = case["Hkv"]
+                q, k, v = r(B, H, L, D), r(B, Hkv, L, D), r(B, Hkv, L, D)
                 do = torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
                 extra: dict[str, torch.Tensor] = {}
                 if kind == "lambda_qglobal":
@@ -339,16 +352,17 @@ def main() -> None:
                 density = pairs / (B * L * L)
                 impls: list[tuple[str, Any, list[torch.Tensor]]] = [
                     ("longkit", lambda: masked_attention(q, k, v, mask=mask, **extra), tensors)]
-                if kind == "causal":
+                if kind.startswith("causal"):
                     backends = (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION))
                     for name, be in backends:
                         def f(be=be):  # noqa: ANN001, ANN202
                             with sdpa_kernel([be]):
-                                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                                return torch.nn.functional.scaled_dot_product_attention(
+                                    q, k, v, is_causal=True, enable_gqa=Hkv != H)
                         impls.append((name, f, [q, k, v]))
                 if not args.no_flex and kind != "lambda_qglobal":
                     bm = create_block_mask(flex_mask_mod(case), None, None, L, L, device=dev, _compile=True)
-                    impls.append(("flex", lambda bm=bm: flex(q, k, v, block_mask=bm), [q, k, v]))
+                    impls.append(("flex", lambda bm=bm: flex(q, k, v, block_mask=bm, enable_gqa=Hkv != H), [q, k, v]))
                 for name, fn, ts in impls:
                     if args.warm_only:  # compile only (see precompile); errors surface in the timed run
                         try:

@@ -164,6 +164,26 @@ def test_triton_matches_naive(c: Case) -> None:
     _compare(c)
 
 
+GQA_CASES = [c for c in CASES if c.Hq > c.Hkv]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("c", GQA_CASES, ids=str)
+def test_triton_gqa_narrow_backward_tiles(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GQA with query tiles of 8 rows: the dk/dv kernel's flat (head, query block) loop then runs many blocks
+    per head in every loop segment."""
+    monkeypatch.setenv("LONGKIT_ATTN_BWD_CONFIG", "8,16,4,1;16,16,4,1")
+    _compare(c)
+
+
+def test_bad_kernel_config_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    from longkit.kernels.masked_attn import flash
+
+    monkeypatch.setenv("LONGKIT_ATTN_BWD_CONFIG", "16,16,4;16,16,4,1")
+    with pytest.raises(ValueError, match="expected 'BM,BN,warps,stages'"):
+        flash._bwd_config(64, {})
+
+
 @needs_interpreter
 def test_triton_strided_views_and_lse_grad() -> None:
     """transformers-style [B, T, H, D] -> [B, H, T, D] transposed views; the loss also uses lse."""

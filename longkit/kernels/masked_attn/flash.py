@@ -519,17 +519,39 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
-                s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-                sm_scale_log2, m_lo, m_hi,
+def _dkdv_inner(dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase,
+                s_qh, s_dh, s_gh, s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq,
+                q_offset, n_global, n_local, sm_scale_log2, m_lo, m_hi, GROUP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_PREFIX: tl.constexpr, GLOBAL: tl.constexpr, MODE: tl.constexpr):
-    """dk, dv (and dk_global) of one kv block over query blocks ``[m_lo, m_hi)`` of one query head.
+    """dk, dv (and dk_global) of one kv block over query blocks ``[m_lo, m_hi)`` of each of the ``GROUP``
+    query heads ``h0 + g`` that share it.
 
+    One flat loop over (head, query block): a nested head loop around the pipelined block loop made the
+    compiler spill hundreds of bytes per thread under GQA (``benchmarks/kernel_regs.py``).
     ``MODE`` 0: elementwise mask on every block; 1: query blocks known to see the whole kv block (only a
     run-time check for shared-prefix holes). ``GLOBAL``: sink pairs outside the window use q_global/k_global.
     """
-    for mb in range(m_lo, m_hi):
+    n_m = m_hi - m_lo
+    # the divisor must never be 0: the software pipeliner computes addresses of iterations it will not run,
+    # and an integer division by zero there is undefined behaviour (it faulted on an H200)
+    n_div = tl.maximum(n_m, 1)
+    if GROUP == 1:
+        it_lo, it_hi = m_lo, m_hi
+    else:
+        it_lo, it_hi = 0, GROUP * n_m
+    for it in range(it_lo, it_hi):
+        if GROUP == 1:
+            g = 0
+            mb = it
+        else:
+            g = it // n_div
+            mb = m_lo + it - g * n_div
+        h = (h0 + g).to(tl.int64)
+        q_base = q_b + h * s_qh
+        do_base = do_b + h * s_dh
+        qg_base = qg_b + h * s_gh
+        row_base = (row_b + h) * Tq
         start_m = mb * BLOCK_M
         offs_m = start_m + offs_m0
         row_ok = offs_m < Tq
@@ -590,12 +612,13 @@ def _bwd_dkdv_kernel(
     Q, K, V, QG, KG, DO, LSE, DELTA, DK, DV, DKG, MQ, MK,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
     s_gb, s_gh, s_gt, s_kgb, s_kgh, s_kgt, s_db, s_dh, s_dt, s_mb, s_mkb,
-    Hq, Hkv, GROUP, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    Hq, Hkv, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
     USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
 ):
-    """dk, dv (and dk_global) per kv block, looping over the query heads of the GQA group."""
+    """dk, dv (and dk_global) per kv block, looping over the query heads of the GQA group (``GROUP`` is a
+    compile-time constant: one compile per GQA ratio, and no head loop at all without GQA)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -657,30 +680,29 @@ def _bwd_dkdv_kernel(
         mid_lo = _sel(is_sink_blk, m_end, mid_lo)
         mid_hi = _sel(is_sink_blk, m_end, mid_hi)
     mbase = b * s_mb
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b * s_qb + h * s_qh
-        do_base = DO + b * s_db + h * s_dh
-        qg_base = QG + b * s_gb + h * s_gh
-        row_base = (b * Hq + h) * Tq
-        if USE_GLOBAL:
-            dk, dv, dkg = _dkdv_inner(
-                dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
-                s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-                sm_scale_log2, m_start, m_glob, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, True, 0)
-        # diagonal blocks (masked), blocks that see the whole kv block (unmasked), window edge / doc end
+    q_b = Q + b * s_qb
+    do_b = DO + b * s_db
+    qg_b = QG + b * s_gb
+    row_b = b * Hq
+    h0 = hk * GROUP
+    if USE_GLOBAL:
         dk, dv, dkg = _dkdv_inner(
-            dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
-            s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-            sm_scale_log2, m_glob, mid_lo, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
-        dk, dv, dkg = _dkdv_inner(
-            dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
-            s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-            sm_scale_log2, mid_lo, mid_hi, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 1)
-        dk, dv, dkg = _dkdv_inner(
-            dk, dv, dkg, k, v, kg, q_base, do_base, qg_base, LSE, DELTA, row_base, MQ, mbase,
-            s_qt, s_dt, s_gt, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-            sm_scale_log2, mid_hi, m_end, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
+            dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
+            s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+            sm_scale_log2, m_start, m_glob, GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, True, 0)
+    # diagonal blocks (masked), blocks that see the whole kv block (unmasked), window edge / doc end
+    dk, dv, dkg = _dkdv_inner(
+        dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
+        s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+        sm_scale_log2, m_glob, mid_lo, GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
+    dk, dv, dkg = _dkdv_inner(
+        dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
+        s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+        sm_scale_log2, mid_lo, mid_hi, GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 1)
+    dk, dv, dkg = _dkdv_inner(
+        dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
+        s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
+        sm_scale_log2, mid_hi, m_end, GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
 
     out_base = (b * Hkv + hk) * Tk * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_base, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_msk)
@@ -697,7 +719,11 @@ def _interpreting() -> bool:
 
 
 def _parse_cfg(text: str) -> dict[str, int]:
-    bm, bn, w, st = (int(x) for x in text.split(","))
+    """``"BM,BN,warps,stages"`` (the tuning overrides' format)."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"bad kernel config {text!r}: expected 'BM,BN,warps,stages', e.g. '64,128,8,3'")
+    bm, bn, w, st = (int(x) for x in parts)
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
 
 
@@ -721,13 +747,13 @@ def _fwd_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
 def _bwd_config(head_dim: int, flags: dict[str, bool]) -> tuple[dict[str, int], dict[str, int]]:
     """(dk/dv config, dq config); ``LONGKIT_ATTN_BWD_CONFIG="BM,BN,warps,stages;BM,BN,warps,stages"``
     overrides (tuning only)."""
-    if _interpreting():
-        c = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-        return c, c
     env = os.environ.get("LONGKIT_ATTN_BWD_CONFIG")
     if env:
         a, b = env.split(";")
         return _parse_cfg(a), _parse_cfg(b)
+    if _interpreting():
+        c = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        return c, c
     if head_dim <= 64:
         return _parse_cfg("32,128,4,3"), _parse_cfg("128,128,8,3")
     if head_dim <= 128:
@@ -892,8 +918,8 @@ def flash_masked_attention_bwd(
     LAST_LAUNCH["bwd_dkdv"] = _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg_kv["BLOCK_N"]), B * Hkv)](
         q, k, v, qg, kg, grad_out, lse, delta, dk, dv, dkg if dkg is not None else dk, meta_q, meta_k,
         *common_strides, s_mb, s_mkb,
-        Hq, Hkv, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=block_d, FAST_PATH=_fast_path(), **flags, **cfg_kv,
+        Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, FAST_PATH=_fast_path(), **flags, **cfg_kv,
     )
     LAST_LAUNCH["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(Tq, cfg_q["BLOCK_M"]), B * Hq)](
         q, k, v, qg, kg, grad_out, lse, delta, dq, dqg if dqg is not None else dq, meta_q,

@@ -1,0 +1,125 @@
+"""Registers and local memory (spills) of the masked-attention kernels, compiled offline for a GPU target.
+
+No GPU needed: Triton compiles to PTX for ``--arch`` (default sm_90a, the H100/H200) and its bundled ``ptxas -v``
+reports registers and stack per kernel. The launch is specialised the way Triton specialises a real launch
+(pointers and strides divisible by 16, ``GROUP == 1`` folded to a constant), so the numbers match what
+``launch_stats()`` reports on the device (stack bytes = 4 × Triton's ``n_spills``). Use it to check a kernel
+change for register pressure before spending device time; it says nothing about speed.
+
+    python benchmarks/kernel_regs.py --hd 128 64 --group 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from longkit.kernels.masked_attn import flash
+
+MASKS = {
+    "causal": {},
+    "lambda": {"HAS_WINDOW": True},
+    "lambda_qglobal": {"HAS_WINDOW": True, "USE_GLOBAL": True},
+    "documents": {"HAS_DOCS": True},
+    "shared_prefix": {"HAS_PREFIX": True},
+}
+FLOAT_PTRS = {"LSE", "DELTA", "DLSE"}
+INT_PTRS = {"MQ", "MK"}
+
+
+def _signature(kernel: triton.JITFunction, consts: dict, dtype: str) -> tuple[dict, dict]:
+    names = kernel.arg_names
+    n_ptrs = next(i for i, n in enumerate(names) if n.startswith("s_"))
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            sig[n] = "constexpr"
+        elif i < n_ptrs:
+            sig[n] = "*" + ("fp32" if n in FLOAT_PTRS else "i32" if n in INT_PTRS else dtype)
+        elif n.startswith("sm_scale"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+        if i < n_ptrs or n.startswith("s_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_stats(kernel: triton.JITFunction, consts: dict, num_warps: int, num_stages: int,
+                  arch: int = 90, dtype: str = "bf16") -> dict[str, int]:
+    """Compile ``kernel`` offline; return ``{"regs", "stack", "spill_stores", "spill_loads"}`` from ptxas."""
+    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+    sig, attrs = _signature(kernel, consts, dtype)
+    src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptxas = Path(triton.backends.nvidia.__file__).parent / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        res = subprocess.run([str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(ptx), "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    text = res.stdout + res.stderr
+    stack, stores, loads = (int(x) for x in re.search(
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text).groups())
+    return {"regs": int(re.search(r"Used (\d+) registers", text).group(1)), "stack": stack,
+            "spill_stores": stores, "spill_loads": loads}
+
+
+def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
+    """Stats of the forward, dk/dv and dq kernels with the tiles ``flash`` picks for this case."""
+    flags = {"HAS_WINDOW": False, "HAS_DOCS": False, "HAS_PREFIX": False, "USE_GLOBAL": False, **MASKS[mask]}
+    base = {**flags, "HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+            "FAST_PATH": True}
+    base["GROUP"] = group  # a constexpr of the dk/dv kernel; Triton folds the dq kernel's GROUP == 1 too
+    cfg_kv, cfg_q = flash._bwd_config(head_dim, flags)
+    rows = []
+    kernels = [("fwd", flash._fwd_kernel, flash._fwd_config(head_dim, flags)),
+               ("bwd_dkdv", flash._bwd_dkdv_kernel, cfg_kv), ("bwd_dq", flash._bwd_dq_kernel, cfg_q)]
+    for name, kernel, cfg in kernels:
+        tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
+        consts = {**base, **tiles}
+        if name == "bwd_dq" and group != 1:
+            del consts["GROUP"]  # a run-time argument there
+        stats = compile_stats(kernel, consts, cfg["num_warps"], cfg["num_stages"])
+        rows.append({"D": head_dim, "mask": mask, "group": group, "kernel": name,
+                     "cfg": f"{cfg['BLOCK_M']},{cfg['BLOCK_N']},{cfg['num_warps']},{cfg['num_stages']}", **stats})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hd", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
+    ap.add_argument("--group", type=int, nargs="+", default=[1, 4], help="query heads per kv head (GQA)")
+    ap.add_argument("--kernels", nargs="+", default=["fwd", "bwd_dkdv", "bwd_dq"])
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args()
+    rows = []
+    print(f"{'D':>4} {'mask':<15} {'group':>5} {'kernel':<9} {'cfg':<12} {'regs':>5} {'stack B':>8}")
+    for hd in args.hd:
+        for mask in args.masks:
+            for group in args.group:
+                for r in kernel_rows(hd, mask, group):
+                    if r["kernel"] not in args.kernels:
+                        continue
+                    rows.append(r)
+                    print(f"{r['D']:>4} {r['mask']:<15} {r['group']:>5} {r['kernel']:<9} {r['cfg']:<12} "
+                          f"{r['regs']:>5} {r['stack']:>8}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
