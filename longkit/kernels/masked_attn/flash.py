@@ -354,21 +354,13 @@ def _fwd_kernel(
     n_iter, n_head, n_tail = _split_q_block(p0, p1, lo1, start, end, ga0, gal, gb0, gbl, n_local,
                                             BLOCK_N, HAS_WINDOW, HAS_DOCS, FAST_PATH)
     # three loops: masked head blocks (with the q_global variant), unmasked middle, masked diagonal
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
-        lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
-        start, ga0, gal, gb0, gbl, 0, n_head,
-        BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL, 0)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
-        lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
-        start, ga0, gal, gb0, gbl, n_head, n_tail,
-        BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 1)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
-        lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
-        start, ga0, gal, gb0, gbl, n_tail, n_iter,
-        BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
+    bounds = (0, n_head, n_tail, n_iter)
+    for seg in tl.static_range(3):
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
+            lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+            start, ga0, gal, gb0, gbl, bounds[seg], bounds[seg + 1],
+            BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL and seg == 0, 1 if seg == 1 else 0)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -498,18 +490,13 @@ def _bwd_dq_kernel(
                                             BLOCK_N, HAS_WINDOW, HAS_DOCS, FAST_PATH)
     # the forward's three loops: only the head loop carries the q_global branch and the mask arithmetic
     # of the sink/window/document edges; the middle loop has none (stays software-pipelined)
-    dq, dqg = _dq_inner(
-        dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
-        pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
-        start, ga0, gal, gb0, gbl, 0, n_head, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL, 0)
-    dq, dqg = _dq_inner(
-        dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
-        pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
-        start, ga0, gal, gb0, gbl, n_head, n_tail, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 1)
-    dq, dqg = _dq_inner(
-        dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
-        pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
-        start, ga0, gal, gb0, gbl, n_tail, n_iter, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
+    bounds = (0, n_head, n_tail, n_iter)
+    for seg in tl.static_range(3):
+        dq, dqg = _dq_inner(
+            dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
+            pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
+            sm_scale_log2, start, ga0, gal, gb0, gbl, bounds[seg], bounds[seg + 1],
+            BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL and seg == 0, 1 if seg == 1 else 0)
 
     tl.store(DQ + (b * Hq + h) * Tq * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_msk)
@@ -685,24 +672,15 @@ def _bwd_dkdv_kernel(
     qg_b = QG + b * s_gb
     row_b = b * Hq
     h0 = hk * GROUP
-    if USE_GLOBAL:
+    # sink blocks with q_global (one masked loop), then diagonal blocks (masked), blocks that see the whole kv
+    # block (unmasked), window edge / document end (masked)
+    bounds = (m_start, m_glob, mid_lo, mid_hi, m_end)
+    for seg in tl.static_range(0 if USE_GLOBAL else 1, 4):
         dk, dv, dkg = _dkdv_inner(
             dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
             s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-            sm_scale_log2, m_start, m_glob, GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, True, 0)
-    # diagonal blocks (masked), blocks that see the whole kv block (unmasked), window edge / doc end
-    dk, dv, dkg = _dkdv_inner(
-        dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
-        s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-        sm_scale_log2, m_glob, mid_lo, GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
-    dk, dv, dkg = _dkdv_inner(
-        dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
-        s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-        sm_scale_log2, mid_lo, mid_hi, GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 1)
-    dk, dv, dkg = _dkdv_inner(
-        dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
-        s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq, q_offset, n_global, n_local,
-        sm_scale_log2, mid_hi, m_end, GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 0)
+            sm_scale_log2, bounds[seg], bounds[seg + 1], GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS,
+            HAS_PREFIX, seg == 0, 1 if seg == 2 else 0)
 
     out_base = (b * Hkv + hk) * Tk * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_base, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_msk)
