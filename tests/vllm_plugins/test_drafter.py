@@ -15,6 +15,8 @@ from longkit.vllm_plugins.spec import (
     PROPOSER_PATH,
     BatchDrafter,
     OutputCache,
+    SimulatedEngineClock,
+    StepCostModel,
     SuffixAutomaton,
     SuffixDrafter,
     SuffixSpecConfig,
@@ -476,3 +478,71 @@ def test_register_without_vllm_raises_a_clear_error(monkeypatch):
     with pytest.raises(HostVersionError, match=r"0.40.0 is installed.*VLLM_PLUGINS"):
         plugins.register()
     assert not plugins.is_registered()
+
+
+# -- cost-aware draft length ---------------------------------------------------------------------
+def test_step_cost_model_recovers_a_linear_step_time_and_its_break_even():
+    rng = random.Random(7)
+    m = StepCostModel(decay=0.99, min_steps=16)
+    t0, t1 = 0.05, 0.02
+    for i in range(15):
+        m.observe(4 + i % 9, t0 + t1 * (4 + i % 9))
+    assert m.coefficients is None and m.break_even(4) == 0.0  # too few steps
+    for _ in range(300):
+        n = rng.randrange(4, 60)
+        m.observe(n, (t0 + t1 * n) * rng.uniform(0.97, 1.03))
+    m.observe(10, 50.0)  # a stall is ignored
+    c0, c1 = m.coefficients
+    assert c0 == pytest.approx(t0, rel=0.15) and c1 == pytest.approx(t1, rel=0.05)
+    # break-even p: p * (t0 / rows + t1) = t1
+    assert m.break_even(4) == pytest.approx(t1 / (t0 / 4 + t1), rel=0.05)
+    assert m.break_even(1) < m.break_even(4) < m.break_even(64) <= 0.9
+
+
+def test_step_cost_model_does_not_fit_a_slope_to_constant_token_counts():
+    m = StepCostModel(min_steps=4)
+    for _ in range(50):
+        m.observe(8, 0.3)
+    assert m.coefficients is None and m.break_even(8) == 0.0
+
+
+def _agreeing_half_the_time(n_req=6, length=120, seed=5):
+    """Prompts whose text the outputs copy with ~40% of tokens changed: drafts are often wrong."""
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for _ in range(n_req):
+        base = [rng.randrange(400) for _ in range(length)]
+        prompts.append(base)
+        outputs.append([t if rng.random() < 0.6 else rng.randrange(400, 800) for t in base][: length - 10])
+    return prompts, outputs
+
+
+@pytest.mark.parametrize("t1", [0.0, 0.03])
+def test_cost_aware_drafting_verifies_fewer_doubtful_tokens_only_when_tokens_cost(t1):
+    prompts, outputs = _agreeing_half_the_time()
+    res = {}
+    for aware in (False, True):
+        clock = SimulatedEngineClock(t0=0.05, t1=t1)
+        bd = BatchDrafter(SuffixSpecConfig(num_speculative_tokens=16, cost_aware=aware), 4096, clock=clock)
+        out, _ = replay_batch(bd, prompts, outputs, clock=clock)
+        res[aware] = (sum(r.draft_tokens for r in out), sum(r.accepted_tokens for r in out), clock.now, bd)
+    if t1 == 0.0:  # free verification: the break-even is 0, the same drafts as without the cost model
+        assert res[True][:2] == res[False][:2]
+        assert res[True][3].cost.break_even(6) < 1e-9
+    else:
+        (d0, a0, s0, _), (d1, a1, s1, bd) = res[False], res[True]
+        assert bd.cost.coefficients[1] == pytest.approx(t1, rel=0.05)
+        # 60% of tokens agree, the break-even is ~0.78: doubtful drafts stop once the step cost is learned
+        assert d1 < 0.5 * d0, (d0, d1)
+        assert s1 < 0.9 * s0, (s0, s1)  # less modelled time for the same outputs
+
+
+def test_decode_only_step_record():
+    from longkit.vllm_plugins.spec.proposer import _decode_only_tokens
+
+    dec = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={"a": 3, "b": 1},
+                          scheduled_spec_decode_tokens={"a": [5, 6]})
+    assert _decode_only_tokens(dec) == 4
+    assert _decode_only_tokens(SimpleNamespace(**{**vars(dec), "scheduled_new_reqs": ["c"]})) is None
+    chunk = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={"a": 512}, scheduled_spec_decode_tokens={})
+    assert _decode_only_tokens(chunk) is None and _decode_only_tokens(None) is None

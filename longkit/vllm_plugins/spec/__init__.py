@@ -8,6 +8,7 @@ class vLLM instantiates (``custom_class``); it imports vLLM only when constructe
 from .automaton import SuffixAutomaton
 from .cache import OutputCache
 from .config import SuffixSpecConfig
+from .cost import StepCostModel
 from .drafter import DraftStats, SuffixDrafter
 from .method import METHOD
 from .proposer import (
@@ -18,7 +19,7 @@ from .proposer import (
     spec_decode_counters,
     worker_drafter_state,
 )
-from .simulate import ReplayResult, replay, replay_batch
+from .simulate import ReplayResult, SimulatedEngineClock, replay, replay_batch
 
 __all__ = [
     "METHOD",
@@ -28,6 +29,8 @@ __all__ = [
     "DrafterTiming",
     "OutputCache",
     "ReplayResult",
+    "SimulatedEngineClock",
+    "StepCostModel",
     "SuffixAutomaton",
     "SuffixDrafter",
     "SuffixProposer",

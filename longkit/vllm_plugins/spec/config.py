@@ -44,6 +44,9 @@ class SuffixSpecConfig:
         max_spec_offset: see ``max_spec_factor``.
         adaptive: learn acceptance rates per source (prompt/output vs cache) and match length online;
             ``False`` keeps the prior rates.
+        cost_aware: learn from the engine's step times what verifying one more token costs, and draft
+            only tokens whose estimated acceptance probability pays for it (see ``spec/cost.py``); the
+            threshold is then ``max(min_token_prob, break-even)``. ``False``: ``min_token_prob`` only.
     """
 
     num_speculative_tokens: int = 16
@@ -54,6 +57,7 @@ class SuffixSpecConfig:
     max_cached_tokens: int = 1 << 18
     max_spec_offset: float = 0.0
     adaptive: bool = True
+    cost_aware: bool = True
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, want: str) -> None:
@@ -78,6 +82,7 @@ class SuffixSpecConfig:
         check("max_spec_offset", is_num(self.max_spec_offset), "a number")
         check("min_token_prob", is_num(self.min_token_prob) and 0 <= self.min_token_prob <= 1, "a number in [0, 1]")
         check("adaptive", isinstance(self.adaptive, bool), "a bool")
+        check("cost_aware", isinstance(self.cost_aware, bool), "a bool")
 
     @classmethod
     def from_vllm(cls, speculative: Any, additional_config: Mapping[str, Any] | None = None) -> SuffixSpecConfig:

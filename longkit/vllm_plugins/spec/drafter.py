@@ -174,7 +174,7 @@ class SuffixDrafter:
         a, r = self._counts[source][_bucket(match_len)]
         return a / (a + r)
 
-    def _plan(self, source: int, match_len: int, available: int, limit: int) -> tuple[int, float]:
+    def _plan(self, source: int, match_len: int, available: int, limit: int, min_prob: float) -> tuple[int, float]:
         """Draft length and expected accepted tokens for a candidate."""
         cfg = self.config
         cap = min(limit, available, math.floor(cfg.max_spec_factor * match_len + cfg.max_spec_offset))
@@ -183,22 +183,24 @@ class SuffixDrafter:
         a = self.acceptance(source, match_len)
         if a <= 0.0:
             return 0, 0.0
-        # Longest j with a**j >= min_token_prob.
-        if a >= 1.0 or cfg.min_token_prob <= 0.0:
+        # Longest j with a**j >= min_prob.
+        if a >= 1.0 or min_prob <= 0.0:
             k = cap
         else:
-            k = min(cap, int(math.log(max(cfg.min_token_prob, 1e-12)) / math.log(a) + 1e-9))
+            k = min(cap, int(math.log(max(min_prob, 1e-12)) / math.log(a) + 1e-9))
         expected = a * (1 - a**k) / (1 - a) if a < 1.0 else float(k)
         return k, expected
 
     # -- drafting ------------------------------------------------------------------------------
-    def propose(self, req_id: Hashable, max_tokens: int | None = None) -> list[int]:
+    def propose(self, req_id: Hashable, max_tokens: int | None = None, min_prob: float | None = None) -> list[int]:
         """Draft tokens to follow the request's indexed tokens (call :meth:`update` first).
 
         Args:
             req_id: a request known to :meth:`update`.
             max_tokens: hard cap for this step (e.g. room left before the model's max length);
                 ``None`` = ``num_speculative_tokens``.
+            min_prob: least estimated probability that a draft token (and all before it) is accepted;
+                ``None`` = ``min_token_prob`` (a caller that knows the cost of verification passes more).
 
         Returns:
             Between 0 and ``min(max_tokens, num_speculative_tokens)`` token ids.
@@ -212,11 +214,12 @@ class SuffixDrafter:
         r.pending = None
         if limit <= 0 or len(r.sam) == 0:
             return []
+        min_prob = self.config.min_token_prob if min_prob is None else max(min_prob, self.config.min_token_prob)
         best: tuple[float, list[int], int, int, Hashable | None] = (0.0, [], LOCAL, 0, None)
         sam = r.sam
         if sam.match_len > 0:
             # Copies can always run on (they continue from their own output), so ``available`` = limit.
-            k, exp = self._plan(LOCAL, sam.match_len, limit, limit)
+            k, exp = self._plan(LOCAL, sam.match_len, limit, limit, min_prob)
             if k > 0:
                 best = (exp, sam.copy_from(sam.match_end, k), LOCAL, sam.match_len, None)
         if len(self.cache):
@@ -224,7 +227,7 @@ class SuffixDrafter:
                 r.matcher = self.cache.matcher(self.config.max_depth)
             n, cont, key = r.matcher.lookup(sam.tokens, limit)
             if n > 0 and cont:
-                k, exp = self._plan(GLOBAL, n, len(cont), limit)
+                k, exp = self._plan(GLOBAL, n, len(cont), limit, min_prob)
                 if k > 0 and exp > best[0]:
                     best = (exp, cont[:k], GLOBAL, n, key)
         exp, draft, source, match_len, key = best

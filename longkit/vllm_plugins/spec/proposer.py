@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import SuffixSpecConfig
+from .cost import StepCostModel
 from .drafter import SuffixDrafter
 
 __all__ = [
@@ -60,17 +61,27 @@ class BatchDrafter:
     Args:
         config: drafter options.
         max_model_len: the model's context limit; drafts never run past it.
+        clock: seconds for the step-cost model (a simulated clock in replays).
     """
 
-    def __init__(self, config: SuffixSpecConfig, max_model_len: int) -> None:
+    def __init__(
+        self, config: SuffixSpecConfig, max_model_len: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.drafter = SuffixDrafter(config)
         self.max_model_len = int(max_model_len)
         self._batch: Any = None
         self._requests: Mapping[Hashable, Any] | None = None
         self.timing = DrafterTiming()
+        self.cost = StepCostModel()
+        self._clock = clock
+        self._step: tuple[float, int] | None = None  # (start, tokens) of the running decode-only step
 
     def on_update_states(
-        self, input_batch: Any, finished_req_ids: Iterable[Hashable], live_req_ids: Iterable[Hashable] | None = None
+        self,
+        input_batch: Any,
+        finished_req_ids: Iterable[Hashable],
+        live_req_ids: Iterable[Hashable] | None = None,
+        scheduler_output: Any = None,
     ) -> None:
         """Called by the runner hook after each scheduler step is applied.
 
@@ -79,8 +90,17 @@ class BatchDrafter:
             finished_req_ids: requests that finished or were aborted: their state is freed now.
             live_req_ids: every request the runner still holds (scheduled or not); state of any other
                 request is freed as well, so nothing can leak if a finish notice is missed.
+            scheduler_output: the step's ``SchedulerOutput``; the time from one decode-only step's start
+                to the next step's start, with the step's token count, feeds :attr:`cost`.
         """
         t0 = time.perf_counter()
+        if self.drafter.config.cost_aware:
+            now = self._clock()
+            if self._step is not None:
+                start, tokens = self._step
+                self.cost.observe(tokens, now - start)
+            tokens = _decode_only_tokens(scheduler_output)
+            self._step = (now, tokens) if tokens else None
         self._batch = input_batch
         # vLLM passes the runner's ``requests`` dict (id -> CachedRequestState): it also gives each
         # request's ``max_tokens``, so no draft runs past the end of the output (see ``propose``).
@@ -132,6 +152,8 @@ class BatchDrafter:
         num_prompt = _ints(batch.num_prompt_tokens, rows)
         requests = self._requests
         drafter, max_model_len = self.drafter, self.max_model_len
+        # least acceptance probability that pays for verifying a token, at this batch size (0 until fitted)
+        min_prob = self.cost.break_even(rows) if drafter.config.cost_aware else None
         drafts: list[list[int]] = []
         drafted_rows = 0
         for i, sampled in enumerate(sampled_token_ids):
@@ -150,7 +172,7 @@ class BatchDrafter:
                 max_tokens = getattr(params, "max_tokens", None)
                 if max_tokens is not None:
                     room = min(room, max_tokens - (n - num_prompt[i]) - 1)
-            drafts.append(drafter.propose(req_id, room) if room > 0 else [])
+            drafts.append(drafter.propose(req_id, room, min_prob) if room > 0 else [])
         timing = self.timing
         timing.propose_calls += 1
         timing.propose_rows += drafted_rows
@@ -159,6 +181,18 @@ class BatchDrafter:
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No model to load (vLLM calls this on every drafter)."""
+
+
+def _decode_only_tokens(scheduler_output: Any) -> int | None:
+    """Tokens the step verifies if every scheduled request decodes (1 + its draft), else ``None``."""
+    if scheduler_output is None or getattr(scheduler_output, "scheduled_new_reqs", None):
+        return None
+    counts = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
+    spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
+    for req_id, n in counts.items():
+        if n != 1 + len(spec.get(req_id, ())):
+            return None  # a prefill chunk: prompt tokens cost differently from verified ones
+    return sum(counts.values()) or None
 
 
 def _ints(values: Any, n: int) -> list[int]:
@@ -193,7 +227,9 @@ def install_runner_hook() -> bool:
             out = orig(self, scheduler_output)
             drafter = getattr(self, "drafter", None)
             if isinstance(drafter, BatchDrafter):
-                drafter.on_update_states(self.input_batch, scheduler_output.finished_req_ids, self.requests)
+                drafter.on_update_states(
+                    self.input_batch, scheduler_output.finished_req_ids, self.requests, scheduler_output
+                )
             return out
 
         return _update_states
@@ -264,5 +300,7 @@ def worker_drafter_state(worker: Any) -> dict[str, Any] | None:
         "draft_tokens": d.stats.draft_tokens,
         "accepted_tokens": d.stats.accepted_tokens,
         "by_source": {"local": d.stats.by_source[0], "global": d.stats.by_source[1]},
+        "step_cost": {"steps": drafter.cost.steps, "t0_t1_s": drafter.cost.coefficients,
+                      "break_even_1_row": drafter.cost.break_even(1)},
         "timing": asdict(drafter.timing),
     }

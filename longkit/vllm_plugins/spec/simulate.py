@@ -22,7 +22,7 @@ from .drafter import SuffixDrafter
 if TYPE_CHECKING:
     from .proposer import BatchDrafter
 
-__all__ = ["ReplayResult", "replay", "replay_batch"]
+__all__ = ["ReplayResult", "SimulatedEngineClock", "replay", "replay_batch"]
 
 
 @dataclass
@@ -50,6 +50,28 @@ class ReplayResult:
     def acceptance_rate(self) -> float:
         """Accepted / verified draft tokens."""
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+class SimulatedEngineClock:
+    """A clock for replays: each decode step takes ``t0 + t1 * tokens`` seconds (tokens = rows + draft tokens
+    verified), the prefill step ``t0``. Pass it as ``BatchDrafter(..., clock=clock)`` and to
+    :func:`replay_batch`; ``now`` is then the modelled decode time of everything replayed.
+
+    Args:
+        t0: seconds per engine step.
+        t1: seconds per verified token.
+    """
+
+    def __init__(self, t0: float, t1: float) -> None:
+        self.t0, self.t1 = t0, t1
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, tokens: int) -> None:
+        """One engine step that verified ``tokens`` tokens."""
+        self.now += self.t0 + self.t1 * tokens
 
 
 def replay(
@@ -98,6 +120,7 @@ def replay_batch(
     outputs: Sequence[Sequence[int]],
     req_ids: Sequence[Hashable] | None = None,
     max_tokens: Sequence[int] | None = None,
+    clock: SimulatedEngineClock | None = None,
 ) -> tuple[list[ReplayResult], int]:
     """Replay a batch of greedy requests through ``drafter`` as vLLM's runner would (no model).
 
@@ -117,6 +140,9 @@ def replay_batch(
         req_ids: ids (default ``"0"``, ``"1"``, ...).
         max_tokens: each request's ``max_tokens`` (default: its output length, i.e. every output
             ended at the length limit; pass the real limit for outputs that ended at EOS).
+        clock: advanced once per engine step; the hook then also gets a ``SchedulerOutput``-like
+            record of the step (new requests in the first, decode rows with their drafts after), so a
+            cost-aware drafter learns the modelled step cost. Without it, no step cost is learned.
 
     Returns:
         ``(per-request results, engine steps)``; the steps include the final one that delivers the
@@ -152,11 +178,20 @@ def replay_batch(
     steps, drafted, accepted = [1] * len(prompts), [0] * len(prompts), [0] * len(prompts)
     finished: list[Hashable] = []
     engine_steps = 0
+    # what the scheduler runs in the next step: the prefill first, then each row's token + its draft
+    sched = SimpleNamespace(scheduled_new_reqs=list(ids), num_scheduled_tokens={}, scheduled_spec_decode_tokens={})
     while index:
         engine_steps += 1
-        drafter.on_update_states(batch, finished, {i: requests[i] for i in batch.req_ids})
+        # without a simulated clock the hook gets no step record: real wall time of a replay is no step cost
+        drafter.on_update_states(batch, finished, {i: requests[i] for i in batch.req_ids},
+                                 sched if clock is not None else None)
+        if clock is not None:
+            clock.advance(sum(sched.num_scheduled_tokens.values()))
         num_tokens = np.array([len(prompts[j]) + done[j] for j in index], dtype=np.int32)
         drafts = drafter.propose(sampled, num_tokens, buf)
+        spec = {ids[j]: list(drafts[row]) for row, j in enumerate(index) if done[j] < len(outputs[j])}
+        sched = SimpleNamespace(scheduled_new_reqs=[], scheduled_spec_decode_tokens=spec,
+                                num_scheduled_tokens={r: 1 + len(d) for r, d in spec.items()})
         finished, keep = [], []
         for row, j in enumerate(index):
             out, d = outputs[j], done[j]
@@ -184,7 +219,7 @@ def replay_batch(
             sampled = [sampled[row] for row in rows]
             index = keep
             batch.req_ids = [ids[j] for j in index]
-    drafter.on_update_states(batch, finished, {})
+    drafter.on_update_states(batch, finished, {}, None)
     engine_steps += 1
     results = [
         ReplayResult(steps[j], len(outputs[j]), drafted[j], accepted[j]) for j in range(len(prompts))
