@@ -530,7 +530,7 @@ def test_cost_aware_drafting_verifies_fewer_doubtful_tokens_only_when_tokens_cos
         assert res[True][:2] == res[False][:2]
         assert res[True][3].cost.break_even(6) < 1e-9
     else:
-        (d0, a0, s0, _), (d1, a1, s1, bd) = res[False], res[True]
+        (d0, _, s0, _), (d1, _, s1, bd) = res[False], res[True]
         assert bd.cost.coefficients[1] == pytest.approx(t1, rel=0.05)
         # 60% of tokens agree, the break-even is ~0.78: doubtful drafts stop once the step cost is learned
         assert d1 < 0.5 * d0, (d0, d1)
