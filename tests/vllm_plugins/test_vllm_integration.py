@@ -108,6 +108,8 @@ def _assert_state_freed(spec: dict) -> None:
     # Only the job's final 1-token probe request may still be live (its finish notice comes next step).
     assert len(state["active_requests"]) <= 1, state
     assert state["cached_requests"] >= 1 and state["accepted_tokens"] > 0, state
+    # The runner hook gets vLLM's SchedulerOutput: decode-only steps were timed for the step-cost model.
+    assert state["step_cost"]["steps"] > 0, state
 
 
 def test_tiny_model_greedy_identical_mixed_batches(tiny_model, tmp_path):
