@@ -265,6 +265,22 @@ def _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_
 
 
 @triton.jit
+def _q_block(Tq, Hq, GROUP, q_offset, BLOCK_M: tl.constexpr):
+    """This program's query block: batch, query head, kv head, first row, rows, row mask, last row, the
+    first and last rows' positions, and every row's position. Heavy (late) query blocks run first."""
+    pid_m = (Tq + BLOCK_M - 1) // BLOCK_M - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // GROUP).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    last = tl.minimum(start_m + BLOCK_M, Tq) - 1
+    return (b, h.to(tl.int64), hk, start_m, offs_m, offs_m < Tq, last, q_offset + start_m, q_offset + last,
+            q_offset + offs_m)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
                lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
                sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi,
@@ -311,25 +327,12 @@ def _fwd_kernel(
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
     USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
 ):
-    pid_m = (Tq + BLOCK_M - 1) // BLOCK_M - 1 - tl.program_id(0)  # heavy (late) query blocks first
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, h, hk, start_m, offs_m, row_ok, last, p0, p1, pos = _q_block(Tq, Hq, GROUP, q_offset, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
-    last = tl.minimum(start_m + BLOCK_M, Tq) - 1
-    p0 = q_offset + start_m
-    p1 = q_offset + last
-    pos = q_offset + offs_m
     mbase = b * s_mb
-    rows_c = tl.minimum(offs_m, Tq - 1)
-    lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, rows_c, Tq, HAS_DOCS, HAS_PREFIX)
+    lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, tl.minimum(offs_m, Tq - 1), Tq, HAS_DOCS, HAS_PREFIX)
     lo0, hlo0, hhi0 = _qmeta(MQ, mbase, start_m, Tq, HAS_DOCS, HAS_PREFIX)
     lo1, hlo1, hhi1 = _qmeta(MQ, mbase, last, Tq, HAS_DOCS, HAS_PREFIX)
 
@@ -438,25 +441,12 @@ def _bwd_dq_kernel(
     USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
 ):
     """dq (and dq_global), same layout as q; DQ/DQG are contiguous [B, Hq, Tq, D]."""
-    pid_m = (Tq + BLOCK_M - 1) // BLOCK_M - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, h, hk, start_m, offs_m, row_ok, last, p0, p1, pos = _q_block(Tq, Hq, GROUP, q_offset, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
-    last = tl.minimum(start_m + BLOCK_M, Tq) - 1
-    p0 = q_offset + start_m
-    p1 = q_offset + last
-    pos = q_offset + offs_m
     mbase = b * s_mb
-    rows_c = tl.minimum(offs_m, Tq - 1)
-    lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, rows_c, Tq, HAS_DOCS, HAS_PREFIX)
+    lo_r, hlo_r, hhi_r = _qmeta(MQ, mbase, tl.minimum(offs_m, Tq - 1), Tq, HAS_DOCS, HAS_PREFIX)
     lo0, hlo0, hhi0 = _qmeta(MQ, mbase, start_m, Tq, HAS_DOCS, HAS_PREFIX)
     lo1, hlo1, hhi1 = _qmeta(MQ, mbase, last, Tq, HAS_DOCS, HAS_PREFIX)
 
