@@ -169,10 +169,12 @@ def _launch(entry: str, args: argparse.Namespace, steps: int | None = None) -> d
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.exists():
             return json.loads(out.read_text())
-        tail = (proc.stdout + proc.stderr)[-1500:]
-        oom = "OutOfMemory" in tail or "out of memory" in tail
-        return {"impl": impl, "nproc": nproc, "seq": int(seq), "error": ("OOM" if oom else "failed") + ": " +
-                tail.strip().splitlines()[-1] if tail.strip() else "failed"}
+        text = proc.stdout + proc.stderr
+        oom = "OutOfMemory" in text or "out of memory" in text
+        # the exception line (torchrun ends its report with a rule of '=' signs, which says nothing)
+        lines = [ln.strip() for ln in text.splitlines() if ("Error" in ln or "Exception" in ln) and ln.strip()]
+        why = lines[-1][:300] if lines else (text.strip().splitlines() or ["no output"])[-1]
+        return {"impl": impl, "nproc": nproc, "seq": int(seq), "error": ("OOM" if oom else "failed") + ": " + why}
 
 
 def main() -> None:
@@ -206,15 +208,18 @@ def main() -> None:
         save_results(name, rows, out_dir=args.out_dir)
     max_rows = []
     for impl in args.max_len:
-        seq, best = args.max_start, None
+        seq, best, failed = args.max_start, None, None
         while seq <= args.max_limit:
             r = _launch(f"{impl}:{seq}", args, steps=1)
             print(json.dumps(r), flush=True)
             if r.get("error") or not r.get("step_s"):
+                failed = seq
                 break
             best, seq = r, seq * 2
+        # first_failure None: every length up to --max-limit trained (the true maximum is higher)
         max_rows.append({"impl": impl, "max_seq": best["seq"] if best else None,
-                         "peak_gib": best.get("peak_gib") if best else None, "first_failure": seq})
+                         "peak_gib": best.get("peak_gib") if best else None, "first_failure": failed,
+                         "max_limit": args.max_limit})
         save_results(name, rows, extra={"max_len": max_rows}, out_dir=args.out_dir)
     cols = ["impl", "nproc", "sp", "seq", "step_s", "tok_s_per_gpu", "peak_gib", "error"]
     print_table(rows, cols, title=f"Ulysses training step, {args.shape}")
