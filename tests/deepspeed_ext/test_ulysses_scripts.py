@@ -17,10 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_benchmark_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "ulysses.py"), "--gpus", "2", "--shape", "tiny", "--runs",
            "none@1:128", "longkit:128", "longkit_kernel:128", "alst:128", "--warmup", "0", "--steps", "2",
-           "--out-dir", str(tmp_path)]
+           "--max-len", "longkit", "--max-start", "128", "--max-limit", "256", "--out-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "ulysses.json").read_text())["rows"]
+    res = json.loads((tmp_path / "ulysses.json").read_text())
+    rows = res["rows"]
+    # the doubling search stops at --max-limit without a failure, and says so
+    assert res["max_len"] == [{"impl": "longkit", "max_seq": 256, "peak_gib": res["max_len"][0]["peak_gib"],
+                               "first_failure": None, "max_limit": 256}], res["max_len"]
     assert [r["impl"] for r in rows] == ["none", "longkit", "longkit_kernel", "alst"]
     assert all(r["error"] is None and r["step_s"] > 0 for r in rows), rows
     # Same samples, same weights: longkit SP=2 reproduces the one-process losses; so does ALST.
