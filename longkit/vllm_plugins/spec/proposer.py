@@ -6,7 +6,8 @@ runner's input batch, but no request ids and no notice when a request finishes. 
 both (per-request state keyed by id, freed when the request ends). The proposer therefore wraps
 ``GPUModelRunner._update_states`` (which vLLM's CPU runner inherits) once per process: after the runner
 applies each scheduler step, the wrapper hands the drafter the runner's ``input_batch`` (its
-``req_ids`` name the rows ``propose`` gets) and the step's ``finished_req_ids``. The wrapper is inert for
+``req_ids`` name the rows ``propose`` gets), the step's ``finished_req_ids``, and the ``SchedulerOutput``
+itself (its token counts time the steps for the cost-aware draft length, ``cost.py``). The wrapper is inert for
 every other drafter; it is installed only when a ``SuffixProposer`` is built, i.e. only by users who
 asked for it.
 """
