@@ -259,6 +259,12 @@ def _pooled(runs: list[dict[str, Any]], w: str, num: str, den: str) -> float | N
     return n / d if d else None
 
 
+def _mean_accepted_len(runs: list[dict[str, Any]], w: str) -> float | None:
+    """vLLM's mean accepted length (1 + accepted / drafts) pooled over every repeat; None without drafts."""
+    per_draft = _pooled(runs, w, "accepted_tokens", "drafts")
+    return None if per_draft is None else 1 + per_draft
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -347,7 +353,7 @@ def main() -> None:
                     "mean_accepted_len": 1 + acc / drafts if drafts else None,
                     "identical": f"{same}/{len(res['tokens'])}" if ref else None,
                     "acceptance_all": _pooled(runs, w, "accepted_tokens", "draft_tokens"),
-                    "mean_accepted_len_all": 1 + (_pooled(runs, w, "accepted_tokens", "drafts") or 0.0),
+                    "mean_accepted_len_all": _mean_accepted_len(runs, w),
                     # Greedy tokens are deterministic; say so if a repeat disagreed.
                     "repeats_agree": all(r["workloads"][w]["tokens"] == res["tokens"] for r in runs),
                     "loadavg": round(statistics.median(r["workloads"][w]["loadavg"] for r in runs), 1),

@@ -513,6 +513,7 @@ def _dkdv_inner(dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, m
     # the divisor must never be 0: the software pipeliner computes addresses of iterations it will not run,
     # and an integer division by zero there is undefined behaviour (it faulted on an H200)
     n_div = tl.maximum(n_m, 1)
+    # without GQA no division at all (the general form costs 32 B more stack per thread, kernel_regs.py)
     if GROUP == 1:
         it_lo, it_hi = m_lo, m_hi
     else:
@@ -698,11 +699,11 @@ def _parse_cfg(text: str) -> dict[str, int]:
 def _fwd_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
     """Forward tiles. Chosen by ``benchmarks/attention.py --sweep`` on an H200 (T=16k, bf16); see
     BENCHMARKS.md. ``LONGKIT_ATTN_FWD_CONFIG="BM,BN,warps,stages"`` overrides (tuning only)."""
+    env = os.environ.get("LONGKIT_ATTN_FWD_CONFIG")
+    if env:  # before the interpreter's default, as in _bwd_config: tests use it to force narrow tiles
+        return _parse_cfg(env)
     if _interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    env = os.environ.get("LONGKIT_ATTN_FWD_CONFIG")
-    if env:
-        return _parse_cfg(env)
     plain = not (flags["HAS_WINDOW"] or flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"])
     if head_dim <= 64:
         return _parse_cfg("128,128,8,3" if flags["HAS_DOCS"] else "128,64,8,4")

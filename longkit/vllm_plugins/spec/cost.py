@@ -4,9 +4,10 @@ A draft token is worth verifying only if it is likely enough to be accepted. An 
 request one future step, worth ``t0 / B + t1`` (its share of the step's fixed cost plus its own token);
 verifying a draft token costs ``t1`` whether it is accepted or not. So a token whose probability of being
 accepted (together with all tokens before it) is ``p`` pays off iff ``p * (t0 / B + t1) >= t1``, i.e.
-``p >= t1 / (t0 / B + t1)``: the *break-even probability*. On a GPU a step's time hardly depends on a
-few more tokens (``t1 ~ 0``, break-even ~ 0, drafts as long as ``min_token_prob`` allows); on a CPU each
-verified token costs real compute (measured: ``t1`` is 1.7-3x the per-request share of the fixed cost
+``p >= t1 / (t0 / B + t1)``: the *break-even probability*. On a GPU a small-batch decode step is bound by
+memory traffic, so a few more tokens should hardly cost time (``t1 ~ 0``, break-even ~ 0, drafts as long as
+``min_token_prob`` allows; expected, not measured here); on a CPU each
+verified token costs real compute (measured: ``t1`` is 1.7-3.2x the per-request share of the fixed cost
 on a 2-core AVX2 machine, break-even 0.63-0.76), so long low-confidence drafts make decoding slower.
 
 :class:`StepCostModel` fits ``step seconds = t0 + t1 * tokens`` by exponentially weighted least squares
