@@ -176,12 +176,28 @@ def test_triton_gqa_narrow_backward_tiles(c: Case, monkeypatch: pytest.MonkeyPat
     _compare(c)
 
 
+GLOBAL_CASES = [c for c in CASES if c.use_global]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("chunk", ["1", "3"])
+@pytest.mark.parametrize("c", GLOBAL_CASES, ids=str)
+def test_triton_distance_limit_sink_chunks(c: Case, chunk: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sink kv blocks' dk/dv/dk_global as partial sums over query chunks of 1 and 3 blocks, added up on
+    the host; the other kv blocks in their own launch."""
+    monkeypatch.setenv("LONGKIT_ATTN_SINK_CHUNK", chunk)
+    _compare(c)
+
+
 def test_bad_kernel_config_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     from longkit.kernels.masked_attn import flash
 
     monkeypatch.setenv("LONGKIT_ATTN_BWD_CONFIG", "16,16,4;16,16,4,1")
     with pytest.raises(ValueError, match="expected 'BM,BN,warps,stages'"):
         flash._bwd_config(64, {})
+    monkeypatch.setenv("LONGKIT_ATTN_SINK_CHUNK", "0")
+    with pytest.raises(ValueError, match="LONGKIT_ATTN_SINK_CHUNK must be a positive integer"):
+        flash._sink_chunk(8, 4, torch.device("cpu"))
 
 
 @needs_interpreter

@@ -585,20 +585,29 @@ def _dkdv_inner(dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, m
     return dk, dv, dkg
 
 
-@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local"])
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local", "BLK_OFF", "M_CHUNK", "T_OUT",
+                              "s_oc", "s_ogc"])
 def _bwd_dkdv_kernel(
     Q, K, V, QG, KG, DO, LSE, DELTA, DK, DV, DKG, MQ, MK,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
     s_gb, s_gh, s_gt, s_kgb, s_kgh, s_kgt, s_db, s_dh, s_dt, s_mb, s_mkb,
     Hq, Hkv, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2, sm_scale,
+    BLK_OFF, M_CHUNK, T_OUT, s_oc, s_ogc,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     """dk, dv (and dk_global) per kv block, looping over the query heads of the GQA group (``GROUP`` is a
-    compile-time constant: one compile per GQA ratio, and no head loop at all without GQA)."""
-    pid_n = tl.program_id(0)
+    compile-time constant: one compile per GQA ratio, and no head loop at all without GQA).
+
+    Program ``(i, bh, c)`` handles kv block ``BLK_OFF + i`` and, of the query blocks that see it, those in
+    ``[c * M_CHUNK, (c + 1) * M_CHUNK)``; it writes to ``DK/DV + c * s_oc`` (``DKG + c * s_ogc``), laid out
+    ``[B, Hkv, T_OUT, D]``. One chunk (``c = 0``, ``M_CHUNK`` huge) is the plain case; several chunks give partial
+    sums that the host adds up (the sink blocks, which every query sees). ``CHUNKED`` is False for the plain
+    case: the chunk arithmetic then compiles away (it cost ~60 B more spills per thread)."""
+    pid_n = tl.program_id(0) + BLK_OFF
     bh = tl.program_id(1)
+    chunk = tl.program_id(2)
     b = (bh // Hkv).to(tl.int64)
     hk = (bh % Hkv).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -665,7 +674,15 @@ def _bwd_dkdv_kernel(
     h0 = hk * GROUP
     # sink blocks with q_global (one masked loop), then diagonal blocks (masked), blocks that see the whole kv
     # block (unmasked), window edge / document end (masked)
-    bounds = (m_start, m_glob, mid_lo, mid_hi, m_end)
+    if CHUNKED:
+        # this program's chunk of query blocks (clamping keeps the bounds ordered)
+        c_lo = chunk * M_CHUNK
+        c_hi = c_lo + M_CHUNK
+        bounds = (tl.minimum(tl.maximum(m_start, c_lo), c_hi), tl.minimum(tl.maximum(m_glob, c_lo), c_hi),
+                  tl.minimum(tl.maximum(mid_lo, c_lo), c_hi), tl.minimum(tl.maximum(mid_hi, c_lo), c_hi),
+                  tl.minimum(tl.maximum(m_end, c_lo), c_hi))
+    else:
+        bounds = (m_start, m_glob, mid_lo, mid_hi, m_end)
     for seg in tl.static_range(0 if USE_GLOBAL else 1, 4):
         dk, dv, dkg = _dkdv_inner(
             dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase, s_qh, s_dh, s_gh,
@@ -673,11 +690,18 @@ def _bwd_dkdv_kernel(
             sm_scale_log2, bounds[seg], bounds[seg + 1], GROUP, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS,
             HAS_PREFIX, seg == 0, 1 if seg == 2 else 0)
 
-    out_base = (b * Hkv + hk) * Tk * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    if CHUNKED:
+        c64 = chunk.to(tl.int64)
+        out_base = (c64 * s_oc + (b * Hkv + hk) * T_OUT * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM
+                    + offs_d[None, :])
+    else:
+        c64 = 0
+        out_base = (b * Hkv + hk) * Tk * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_base, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_msk)
     tl.store(DV + out_base, dv.to(DV.dtype.element_ty), mask=kd_msk)
     if USE_GLOBAL:
-        g_base = (b * Hkv + hk) * n_global * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        g_base = (c64 * s_ogc + (b * Hkv + hk) * n_global * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM
+                  + offs_d[None, :])
         tl.store(DKG + g_base, (dkg * sm_scale).to(DKG.dtype.element_ty),
                  mask=(offs_n[:, None] < n_global) & d_ok[None, :])
 
@@ -724,10 +748,12 @@ def _bwd_config(head_dim: int, flags: dict[str, bool]) -> tuple[dict[str, int], 
         c = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
         return c, c
     if head_dim <= 64:
-        return _parse_cfg("32,128,4,3"), _parse_cfg("128,128,8,3")
+        # the q_global variant (sink kv blocks only) spills 832 B per thread at 4 warps, none at 8
+        kv = "32,128,8,3" if flags["USE_GLOBAL"] else "32,128,4,3"
+        return _parse_cfg(kv), _parse_cfg("128,128,8,3")
     if head_dim <= 128:
-        # dk/dv holds two 128x128 fp32 accumulators plus K and V: the q_global / prefix variants need a
-        # narrower query tile or one pipeline stage fewer
+        # dk/dv holds two 128x128 fp32 accumulators plus K and V: the q_global (sink kv blocks only) / prefix
+        # variants need a narrower query tile or one pipeline stage fewer
         kv = "32,128,8,2" if flags["USE_GLOBAL"] else "64,128,8,2" if flags["HAS_PREFIX"] else "64,128,8,3"
         return _parse_cfg(kv), _parse_cfg("128,64,8,3")
     c = _parse_cfg("32,32,4,1")
@@ -799,6 +825,46 @@ def launch_stats() -> dict[str, dict[str, int]]:
 
 def _last_dim_contig(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else (t if t.stride(-1) == 1 else t.contiguous()) for t in ts]
+
+
+def _sink_chunk(n_m: int, programs: int, device: torch.device) -> int:
+    """Query blocks per program for the sink kv blocks: enough programs to fill the GPU about twice, at least
+    16 query blocks each (a chunk's partial sums cost one [BLOCK_N, D] fp32 write per accumulator).
+    ``LONGKIT_ATTN_SINK_CHUNK`` overrides (tests use it to force several chunks)."""
+    env = os.environ.get("LONGKIT_ATTN_SINK_CHUNK")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"LONGKIT_ATTN_SINK_CHUNK must be a positive integer, got {env!r}")
+        return int(env)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    n_chunks = max(1, min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(n_m, 16)))
+    return triton.cdiv(n_m, n_chunks)
+
+
+def _sink_dkdv(dkdv_args: tuple, dk: torch.Tensor, dv: torch.Tensor, dkg: torch.Tensor, meta_q: torch.Tensor,
+               meta_k: torch.Tensor, scalars: tuple, consts: dict, flags: dict[str, bool], cfg: dict[str, int],
+               n_sink_blk: int) -> object:
+    """dk, dv, dk_global of the sink kv blocks (distance limit): fp32 partial sums per query chunk, added up
+    here in a fixed order (deterministic), written into ``dk``/``dv``'s first rows and ``dkg``."""
+    B, Hkv, Tk, D = dk.shape
+    Tq = dkdv_args[0].shape[2]
+    n_m = triton.cdiv(Tq, cfg["BLOCK_M"])
+    m_chunk = _sink_chunk(n_m, n_sink_blk * B * Hkv, dk.device)
+    n_chunks = triton.cdiv(n_m, m_chunk)
+    t_out = n_sink_blk * cfg["BLOCK_N"]
+    n_global = dkg.shape[2]
+    part = torch.empty(2, n_chunks, B, Hkv, t_out, D, dtype=torch.float32, device=dk.device)
+    part_g = torch.empty(n_chunks, B, Hkv, n_global, D, dtype=torch.float32, device=dk.device)
+    launched = _bwd_dkdv_kernel[(n_sink_blk, B * Hkv, n_chunks)](
+        *dkdv_args, part[0], part[1], part_g, meta_q, meta_k, *scalars, 0, m_chunk, t_out,
+        part.stride(1), part_g.stride(0), **flags, **consts, **cfg, CHUNKED=True,
+    )
+    rows = min(t_out, Tk)
+    sums = part.sum(1)
+    dk[:, :, :rows] = sums[0, :, :, :rows]
+    dv[:, :, :rows] = sums[1, :, :, :rows]
+    dkg.copy_(part_g.sum(0))
+    return launched
 
 
 def flash_masked_attention_fwd(
@@ -884,12 +950,27 @@ def flash_masked_attention_bwd(
         v.stride(0), v.stride(1), v.stride(2), qg.stride(0), qg.stride(1), qg.stride(2),
         kg.stride(0), kg.stride(1), kg.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
     )
-    LAST_LAUNCH["bwd_dkdv"] = _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg_kv["BLOCK_N"]), B * Hkv)](
-        q, k, v, qg, kg, grad_out, lse, delta, dk, dv, dkg if dkg is not None else dk, meta_q, meta_k,
-        *common_strides, s_mb, s_mkb,
-        Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, FAST_PATH=_fast_path(), **flags, **cfg_kv,
-    )
+    dkdv_args = (q, k, v, qg, kg, grad_out, lse, delta)
+    scalars = (*common_strides, s_mb, s_mkb, Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0),
+               scale * _LOG2E, scale)
+    consts = {"GROUP": Hq // Hkv, "HEAD_DIM": D, "BLOCK_D": block_d, "FAST_PATH": _fast_path()}
+    n_kv_blk = triton.cdiv(Tk, cfg_kv["BLOCK_N"])
+    # With the distance limit only the sink kv blocks need the q_global/k_global variant, which holds a third
+    # accumulator (narrower tiles, spills). The other kv blocks run the plain sink-window kernel; the sink
+    # blocks, which every query sees, get their own launch split over query chunks (else B*Hkv programs would
+    # each walk all of Tq alone at the end of the backward).
+    n_sink_blk = min(triton.cdiv(n_global, cfg_kv["BLOCK_N"]), n_kv_blk) if q_global is not None else 0
+    if n_kv_blk > n_sink_blk:
+        cfg_main = _bwd_config(D, {**flags, "USE_GLOBAL": False})[0] if n_sink_blk else cfg_kv
+        if cfg_main["BLOCK_N"] != cfg_kv["BLOCK_N"]:
+            raise ValueError(f"dk/dv tiles {cfg_main} and {cfg_kv} (distance limit) need the same BLOCK_N")
+        LAST_LAUNCH["bwd_dkdv"] = _bwd_dkdv_kernel[(n_kv_blk - n_sink_blk, B * Hkv, 1)](
+            *dkdv_args, dk, dv, dk, meta_q, meta_k, *scalars, n_sink_blk, 0, Tk, 0, 0,
+            **{**flags, "USE_GLOBAL": False}, **consts, **cfg_main, CHUNKED=False,
+        )
+    if n_sink_blk:
+        LAST_LAUNCH["bwd_dkdv_sink"] = _sink_dkdv(dkdv_args, dk, dv, dkg, meta_q, meta_k, scalars, consts, flags,
+                                                  cfg_kv, n_sink_blk)
     LAST_LAUNCH["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(Tq, cfg_q["BLOCK_M"]), B * Hq)](
         q, k, v, qg, kg, grad_out, lse, delta, dq, dqg if dqg is not None else dq, meta_q,
         *common_strides, s_mb,
