@@ -198,7 +198,7 @@ def sweep(args: argparse.Namespace) -> None:
                 row.update(kernel_ms(fn))
             ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
             if hasattr(mod, "launch_stats"):  # older kernel files may lack it
-                keys = ("fwd",) if row["pass"] == "fwd" else ("bwd_dkdv", "bwd_dq")
+                keys = ("fwd",) if row["pass"] == "fwd" else ("bwd_dkdv", "bwd_dkdv_sink", "bwd_dq")
                 stats = mod.launch_stats()
                 row["regs/spills"] = " ".join(f"{k_}:{stats[k_]['regs']}/{stats[k_]['spills']}"
                                               for k_ in keys if k_ in stats)

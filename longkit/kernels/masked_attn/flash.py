@@ -955,6 +955,8 @@ def flash_masked_attention_bwd(
                scale * _LOG2E, scale)
     consts = {"GROUP": Hq // Hkv, "HEAD_DIM": D, "BLOCK_D": block_d, "FAST_PATH": _fast_path()}
     n_kv_blk = triton.cdiv(Tk, cfg_kv["BLOCK_N"])
+    for name in ("bwd_dkdv", "bwd_dkdv_sink"):
+        LAST_LAUNCH.pop(name, None)
     # With the distance limit only the sink kv blocks need the q_global/k_global variant, which holds a third
     # accumulator (narrower tiles, spills). The other kv blocks run the plain sink-window kernel; the sink
     # blocks, which every query sees, get their own launch split over query chunks (else B*Hkv programs would
