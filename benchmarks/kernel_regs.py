@@ -81,7 +81,7 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
     """Stats of the forward, dk/dv and dq kernels with the tiles ``flash`` picks for this case."""
     flags = {"HAS_WINDOW": False, "HAS_DOCS": False, "HAS_PREFIX": False, "USE_GLOBAL": False, **MASKS[mask]}
     base = {**flags, "HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
-            "FAST_PATH": True, "CHUNKED": False}
+            "FAST_PATH": True, "CHUNKED": False, "SPLIT_HEADS": False}
     base["GROUP"] = group  # a constexpr of the dk/dv kernel; Triton folds the dq kernel's GROUP == 1 too
     cfg_kv, cfg_q = flash._bwd_config(head_dim, flags)
     plain = {**flags, "USE_GLOBAL": False}
@@ -92,6 +92,10 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
                ("bwd_dq", flash._bwd_dq_kernel, cfg_q, {})]
     if flags["USE_GLOBAL"]:
         kernels.insert(2, ("bwd_dkdv_sink", flash._bwd_dkdv_kernel, cfg_kv, {"CHUNKED": True}))
+    if group > 1:
+        # GQA at hd <= 64: one query head per dk/dv program by default (SPLIT_HEADS, fp32 partials)
+        kernels.insert(2, ("bwd_dkdv_split", flash._bwd_dkdv_kernel, kernels[1][2],
+                           {**plain, "GROUP": 1, "SPLIT_HEADS": True}))
     for name, kernel, cfg, override in kernels:
         tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         consts = {**base, **override, **tiles}
@@ -108,11 +112,11 @@ def main() -> None:
     ap.add_argument("--hd", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
     ap.add_argument("--group", type=int, nargs="+", default=[1, 4], help="query heads per kv head (GQA)")
-    ap.add_argument("--kernels", nargs="+", default=["fwd", "bwd_dkdv", "bwd_dkdv_sink", "bwd_dq"])
+    ap.add_argument("--kernels", nargs="+", default=["fwd", "bwd_dkdv", "bwd_dkdv_split", "bwd_dkdv_sink", "bwd_dq"])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     rows = []
-    print(f"{'D':>4} {'mask':<15} {'group':>5} {'kernel':<13} {'cfg':<12} {'regs':>5} {'stack B':>8}")
+    print(f"{'D':>4} {'mask':<15} {'group':>5} {'kernel':<14} {'cfg':<12} {'regs':>5} {'stack B':>8}")
     for hd in args.hd:
         for mask in args.masks:
             for group in args.group:
@@ -120,7 +124,7 @@ def main() -> None:
                     if r["kernel"] not in args.kernels:
                         continue
                     rows.append(r)
-                    print(f"{r['D']:>4} {r['mask']:<15} {r['group']:>5} {r['kernel']:<13} {r['cfg']:<12} "
+                    print(f"{r['D']:>4} {r['mask']:<15} {r['group']:>5} {r['kernel']:<14} {r['cfg']:<12} "
                           f"{r['regs']:>5} {r['stack']:>8}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))

@@ -176,6 +176,20 @@ def test_triton_gqa_narrow_backward_tiles(c: Case, monkeypatch: pytest.MonkeyPat
     _compare(c)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("per_prog", ["whole", "2"])
+@pytest.mark.parametrize("c", GQA_CASES, ids=str)
+def test_triton_gqa_dkdv_heads_per_program(c: Case, per_prog: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default each dk/dv program handles one query head of the GQA group (partials summed on the host); here
+    the whole group in one program (used when the scratch would not fit) and 2 heads per program."""
+    group = c.Hq // c.Hkv
+    n = group if per_prog == "whole" else int(per_prog)
+    if group % n:
+        pytest.skip(f"{n} does not divide the group size {group}")
+    monkeypatch.setenv("LONGKIT_ATTN_GQA_SPLIT", str(n))
+    _compare(c)
+
+
 GLOBAL_CASES = [c for c in CASES if c.use_global]
 
 
@@ -198,6 +212,21 @@ def test_bad_kernel_config_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LONGKIT_ATTN_SINK_CHUNK", "0")
     with pytest.raises(ValueError, match="LONGKIT_ATTN_SINK_CHUNK must be a positive integer"):
         flash._sink_chunk(8, 4, torch.device("cpu"))
+    monkeypatch.setenv("LONGKIT_ATTN_GQA_SPLIT", "3")
+    with pytest.raises(ValueError, match="must be a divisor of the GQA group size 4"):
+        flash._gqa_heads_per_program(4, 1 << 20, 64)
+
+
+def test_gqa_split_respects_the_scratch_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from longkit.kernels.masked_attn import flash
+
+    monkeypatch.delenv("LONGKIT_ATTN_GQA_SPLIT", raising=False)
+    budget = flash.GQA_SPLIT_BUDGET
+    assert flash._gqa_heads_per_program(8, budget, 64) == 1
+    assert flash._gqa_heads_per_program(8, budget + 1, 64) == 2
+    assert flash._gqa_heads_per_program(8, 4 * budget + 1, 64) == 8  # no divisor fits: the whole group
+    assert flash._gqa_heads_per_program(1, 100 * budget, 64) == 1
+    assert flash._gqa_heads_per_program(8, 1 << 20, 128) == 8  # not split above hd 64
 
 
 @needs_interpreter
