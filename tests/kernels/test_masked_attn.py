@@ -217,6 +217,14 @@ def test_bad_kernel_config_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         flash._gqa_heads_per_program(4, 1 << 20, 64)
 
 
+def test_grid_limit_is_a_clear_error() -> None:
+    from longkit.kernels.masked_attn import flash
+
+    flash.check_grid(2047, 32)  # 65504 programs per kv/query block: fine
+    with pytest.raises(ValueError, match="2048 x 32 = 65536 exceeds 65535.*at most 2047 rows"):
+        flash.check_grid(2048, 32)
+
+
 def test_gqa_split_respects_the_scratch_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     from longkit.kernels.masked_attn import flash
 

@@ -759,7 +759,7 @@ def _bwd_config(head_dim: int, flags: dict[str, bool]) -> tuple[dict[str, int], 
     if head_dim <= 64:
         # the q_global variant (sink kv blocks only) spills 832 B per thread at 4 warps, none at 8
         kv = "32,128,8,3" if flags["USE_GLOBAL"] else "32,128,4,3"
-        # dq: one warpgroup; 64-row tiles on masked kinds (2-7% faster than 128x128x8 warps, same sweep)
+        # dq: one warpgroup; 64-row tiles on masked kinds (backward 2-6% faster than 128x128x8 warps, same sweep)
         return _parse_cfg(kv), _parse_cfg("128,64,4,3" if plain else "64,64,4,3")
     if head_dim <= 128:
         # dk/dv holds two 128x128 fp32 accumulators plus K and V: the q_global (sink kv blocks only) / prefix
@@ -922,6 +922,17 @@ def _sink_dkdv(dkdv_args: tuple, dk: torch.Tensor, dv: torch.Tensor, dkg: torch.
     return launched
 
 
+_MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's 2nd and 3rd dimensions
+
+
+def check_grid(batch: int, heads: int) -> None:
+    """The kernels put batch x query heads on the grid's second axis: refuse more than CUDA allows, clearly."""
+    if batch * heads > _MAX_GRID_YZ:
+        raise ValueError(f"batch x query heads = {batch} x {heads} = {batch * heads} exceeds {_MAX_GRID_YZ}, the most "
+                         "the Triton masked-attention kernels launch; split the batch into chunks of at most "
+                         f"{_MAX_GRID_YZ // heads} rows")
+
+
 def flash_masked_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_global: torch.Tensor | None,
     k_global: torch.Tensor | None, cu_seqlens: torch.Tensor | None, segments: torch.Tensor | None,
@@ -938,6 +949,7 @@ def flash_masked_attention_fwd(
     """
     q, k, v, q_global, k_global = _last_dim_contig(q, k, v, q_global, k_global)
     B, Hq, Tq, D = q.shape
+    check_grid(B, Hq)
     Hkv, Tk = k.shape[1], k.shape[2]
     out = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)

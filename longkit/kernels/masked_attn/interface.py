@@ -158,7 +158,12 @@ def masked_attention(
         impl: ``None``/``"auto"`` (Triton on CUDA, naive elsewhere; env ``LONGKIT_KERNEL_IMPL``),
             ``"triton"`` or ``"naive"``.
         deterministic: accepted for API stability; the Triton backward is always deterministic
-            (no atomics: separate kv-parallel dk/dv and q-parallel dq kernels).
+            (no atomics: separate kv-parallel dk/dv and q-parallel dq kernels; where dk/dv are split over
+            programs, their fp32 partial sums are added in a fixed order).
+
+    Memory: the Triton backward allocates transient fp32 scratch for split dk/dv: under GQA with ``D <= 64``
+    up to ``flash.GQA_SPLIT_BUDGET`` (2 GiB; ``2·B·Hq·Tk·D·4`` bytes when fully split, fewer splits above
+    the budget), and a small one for the sink blocks with ``q_global``.
 
     Returns:
         ``out [B, Hq, Tq, D]`` in ``q.dtype``; with ``return_lse`` also ``lse [B, Hq, Tq]`` (fp32,
