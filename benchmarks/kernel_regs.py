@@ -4,7 +4,8 @@ No GPU needed: Triton compiles to PTX for ``--arch`` (default sm_90a, the H100/H
 reports registers and stack per kernel. The launch is specialised the way Triton specialises a real launch
 (pointers and strides divisible by 16, ``GROUP == 1`` folded to a constant), so the numbers match what
 ``launch_stats()`` reports on the device (stack bytes = 4 × Triton's ``n_spills``). Use it to check a kernel
-change for register pressure before spending device time; it says nothing about speed.
+change for register pressure before spending device time; it says nothing about speed. Triton also reports the
+shared memory each launch needs (``smem``), which must fit the H100/H200's 227 KiB per block.
 
     python benchmarks/kernel_regs.py --hd 128 64 --group 1 4
 """
@@ -56,7 +57,8 @@ def _signature(kernel: triton.JITFunction, consts: dict, dtype: str) -> tuple[di
 
 def compile_stats(kernel: triton.JITFunction, consts: dict, num_warps: int, num_stages: int,
                   arch: int = 90, dtype: str = "bf16") -> dict[str, int]:
-    """Compile ``kernel`` offline; return ``{"regs", "stack", "spill_stores", "spill_loads"}`` from ptxas."""
+    """Compile ``kernel`` offline; return ``{"regs", "stack", "spill_stores", "spill_loads"}`` from ptxas and the
+    shared memory the launch needs (``"smem"`` bytes, Triton's figure)."""
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     sig, attrs = _signature(kernel, consts, dtype)
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
@@ -74,7 +76,7 @@ def compile_stats(kernel: triton.JITFunction, consts: dict, num_warps: int, num_
     stack, stores, loads = (int(x) for x in re.search(
         r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text).groups())
     return {"regs": int(re.search(r"Used (\d+) registers", text).group(1)), "stack": stack,
-            "spill_stores": stores, "spill_loads": loads}
+            "spill_stores": stores, "spill_loads": loads, "smem": int(compiled.metadata.shared)}
 
 
 def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
@@ -116,7 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     rows = []
-    print(f"{'D':>4} {'mask':<15} {'group':>5} {'kernel':<14} {'cfg':<12} {'regs':>5} {'stack B':>8}")
+    print(f"{'D':>4} {'mask':<15} {'group':>5} {'kernel':<14} {'cfg':<12} {'regs':>5} {'stack B':>8} {'smem KiB':>9}")
     for hd in args.hd:
         for mask in args.masks:
             for group in args.group:
@@ -125,7 +127,7 @@ def main() -> None:
                         continue
                     rows.append(r)
                     print(f"{r['D']:>4} {r['mask']:<15} {r['group']:>5} {r['kernel']:<14} {r['cfg']:<12} "
-                          f"{r['regs']:>5} {r['stack']:>8}", flush=True)
+                          f"{r['regs']:>5} {r['stack']:>8} {r['smem'] / 1024:>9.1f}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
 

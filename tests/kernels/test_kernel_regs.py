@@ -23,3 +23,20 @@ def test_gqa_dkdv_kernel_does_not_spill_more_than_mha(tmp_path: Path) -> None:
     # the whole GQA group in one program (the default above hd 64): a head loop nested around the pipelined
     # query-block loop spilled 896 B per thread (vs 128 B without GQA)
     assert gqa["stack"] <= mha["stack"] + 64, (mha, gqa)
+
+
+SMEM_LIMIT = 227 * 1024  # H100/H200: the most shared memory one block may use
+
+
+def test_every_default_tile_fits_shared_memory(tmp_path: Path) -> None:
+    """Head dims the GPU tests do not run (96 pads to 128; 256 takes the generic tiles; 64 and 128 run on the
+    device), every mask kind, GQA: each kernel's default tiles must fit an sm_90 block's shared memory."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "smem.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_regs.py"), "--hd", "96", "256",
+                    "--group", "4", "--out", str(out)], env=env, check=True, capture_output=True, timeout=1200)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 2 * 5 * 4, len(rows)  # head dims x masks x kernels
+    too_big = [r for r in rows if r["smem"] > SMEM_LIMIT]
+    assert not too_big, too_big
