@@ -140,7 +140,9 @@ def bench(fn, grad: bool, tensors: list[torch.Tensor], do: torch.Tensor) -> floa
 FWD_SWEEP = ["128,64,8,3", "128,128,8,3", "128,64,8,4", "128,64,4,3", "64,64,4,3"]
 BWD_SWEEP = ["64,128,8,2;128,64,8,2", "64,128,8,3;128,64,8,3", "64,128,8,1;128,64,8,1", "32,128,4,3;128,32,4,3",
              "64,64,4,3;64,64,4,3", "128,128,8,2;128,128,8,2"]
-BWD_KERNELS = ("_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_preprocess_kernel")
+# profiler name -> column; the TMA dk/dv (dkdv_tma.py) is reported as bwd_dkdv too
+BWD_KERNELS = {"_bwd_dkdv_kernel": "bwd_dkdv", "_bwd_dkdv_tma_kernel": "bwd_dkdv", "_bwd_dq_kernel": "bwd_dq",
+               "_bwd_preprocess_kernel": "bwd_preprocess"}
 
 
 def kernel_ms(fn, n: int = 5) -> dict[str, float]:  # noqa: ANN001
@@ -155,10 +157,9 @@ def kernel_ms(fn, n: int = 5) -> dict[str, float]:  # noqa: ANN001
         torch.cuda.synchronize()
     out: dict[str, float] = {}
     for e in prof.key_averages():
-        for name in BWD_KERNELS:
+        for name, key in BWD_KERNELS.items():
             if name in e.key:
                 t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-                key = name.strip("_").removesuffix("_kernel")
                 out[key] = out.get(key, 0.0) + t / 1e3 / n
     return out
 
@@ -246,6 +247,19 @@ def sweep(args: argparse.Namespace) -> None:
                            lambda mod=mod, out=out, lse=lse: mod.flash_masked_attention_bwd(
                                do, None, q, k, v, out, lse, qg, kg, *geo), mod)
                     os.environ.pop("LONGKIT_ATTN_BWD_CONFIG", None)
+                for variant in args.env_variants if label == "current" else []:
+                    # backward under other launcher settings, e.g. LONGKIT_ATTN_TMA_DKDV=0 (the pointer dk/dv)
+                    pairs = dict(kv.split("=", 1) for kv in variant.split(";"))
+                    saved = {k_: os.environ.get(k_) for k_ in pairs}
+                    os.environ.update(pairs)
+                    record({**base, "kernel": label, "pass": "bwd", "cfg": variant},
+                           lambda mod=mod, out=out, lse=lse: mod.flash_masked_attention_bwd(
+                               do, None, q, k, v, out, lse, qg, kg, *geo), mod)
+                    for k_, v_ in saved.items():
+                        if v_ is None:
+                            os.environ.pop(k_, None)
+                        else:
+                            os.environ[k_] = v_
             reference.clear()
             torch.cuda.empty_cache()
     if args.warm_only:
@@ -280,9 +294,9 @@ def precompile(args: argparse.Namespace, workers: int) -> None:
             continue
         fwd = args.fwd_cfgs if args.fwd_cfgs is not None else FWD_SWEEP
         bwd = args.bwd_cfgs if args.bwd_cfgs is not None else BWD_SWEEP
-        for i in range(max(len(fwd), len(bwd), 1)):
+        for i in range(max(len(fwd), len(bwd), len(args.env_variants), 1)):
             jobs.append([*job, "--sweep", "--ref-kernel", *args.ref_kernel, "--fwd-cfgs", *fwd[i:i + 1],
-                         "--bwd-cfgs", *bwd[i:i + 1]])
+                         "--bwd-cfgs", *bwd[i:i + 1], "--env-variants", *args.env_variants[i:i + 1]])
     running: list[subprocess.Popen] = []
     for cmd in jobs:
         while len(running) >= workers:
@@ -308,6 +322,8 @@ def main() -> None:
     ap.add_argument("--fwd-cfgs", nargs="*", default=None, help="sweep: 'BM,BN,warps,stages' forward configs")
     ap.add_argument("--bwd-cfgs", nargs="*", default=None, help="sweep: 'dkdv;dq' backward configs")
     ap.add_argument("--ref-kernel", nargs="*", default=[], help="sweep: older flash.py files timed alongside")
+    ap.add_argument("--env-variants", nargs="*", default=[],
+                    help="sweep: extra backward rows under 'NAME=VALUE[;NAME=VALUE]' environment settings")
     ap.add_argument("--precompile-workers", type=int, default=0,
                     help="compile longkit's kernels first in this many parallel processes (warms Triton's disk cache)")
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)

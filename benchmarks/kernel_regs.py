@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from longkit.kernels.masked_attn import flash
+from longkit.kernels.masked_attn import dkdv_tma, flash
 
 MASKS = {
     "causal": {},
@@ -37,13 +37,28 @@ FLOAT_PTRS = {"LSE", "DELTA", "DLSE"}
 INT_PTRS = {"MQ", "MK"}
 
 
-def _signature(kernel: triton.JITFunction, consts: dict, dtype: str) -> tuple[dict, dict]:
+def _tma_descs(cfg: dict, block_d: int, dtype: str, flags: dict) -> dict[str, str]:
+    """Tensor-descriptor argument types of the TMA dk/dv kernel (``dkdv_tma.py``) for these tiles."""
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    mq = "i32" if flags["HAS_DOCS"] or flags["HAS_PREFIX"] else "fp32"
+    rows = f"tensordesc<{dtype}[1, 1, {bm}, {block_d}]>"
+    cols = f"tensordesc<{dtype}[1, 1, {bn}, {block_d}]>"
+    return {"q_desc": rows, "do_desc": rows, "k_desc": cols, "v_desc": cols, "lse_desc": f"tensordesc<fp32[1, {bm}]>",
+            "delta_desc": f"tensordesc<fp32[1, {bm}]>", "mq_desc": f"tensordesc<{mq}[1, {bm}]>"}
+
+
+def _signature(kernel: triton.JITFunction, consts: dict, dtype: str,
+               descs: dict[str, str] | None = None) -> tuple[dict, dict]:
     names = kernel.arg_names
-    n_ptrs = next(i for i, n in enumerate(names) if n.startswith("s_"))
+    descs = descs or {}
+    n_ptrs = next(i for i, n in enumerate(names) if n.startswith(("s_", "mq_rows")))
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in consts:
             sig[n] = "constexpr"
+        elif n in descs:
+            sig[n] = descs[n]
+            continue
         elif i < n_ptrs:
             sig[n] = "*" + ("fp32" if n in FLOAT_PTRS else "i32" if n in INT_PTRS else dtype)
         elif n.startswith("sm_scale"):
@@ -56,11 +71,11 @@ def _signature(kernel: triton.JITFunction, consts: dict, dtype: str) -> tuple[di
 
 
 def compile_stats(kernel: triton.JITFunction, consts: dict, num_warps: int, num_stages: int,
-                  arch: int = 90, dtype: str = "bf16") -> dict[str, int]:
+                  arch: int = 90, dtype: str = "bf16", descs: dict[str, str] | None = None) -> dict[str, int]:
     """Compile ``kernel`` offline; return ``{"regs", "stack", "spill_stores", "spill_loads"}`` from ptxas and the
     shared memory the launch needs (``"smem"`` bytes, Triton's figure)."""
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    sig, attrs = _signature(kernel, consts, dtype)
+    sig, attrs = _signature(kernel, consts, dtype, descs)
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -98,12 +113,17 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
         # GQA at hd <= 64: one query head per dk/dv program by default (SPLIT_HEADS, fp32 partials)
         kernels.insert(2, ("bwd_dkdv_split", flash._bwd_dkdv_kernel, kernels[1][2],
                            {**plain, "GROUP": 1, "SPLIT_HEADS": True}))
+    if head_dim in (16, 32, 64, 128):
+        # the default dk/dv on Hopper (TMA loads); flash's pointer kernel above runs elsewhere
+        kernels.insert(1, ("bwd_dkdv_tma", dkdv_tma._bwd_dkdv_tma_kernel, dkdv_tma.tma_dkdv_config(head_dim, plain),
+                           {**plain, "WARP_SPEC": False}))
     for name, kernel, cfg, override in kernels:
         tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         consts = {**base, **override, **tiles}
         if name == "bwd_dq" and group != 1:
             del consts["GROUP"]  # a run-time argument there
-        stats = compile_stats(kernel, consts, cfg["num_warps"], cfg["num_stages"])
+        descs = _tma_descs(cfg, base["BLOCK_D"], "bf16", flags) if name == "bwd_dkdv_tma" else None
+        stats = compile_stats(kernel, consts, cfg["num_warps"], cfg["num_stages"], descs=descs)
         rows.append({"D": head_dim, "mask": mask, "group": group, "kernel": name,
                      "cfg": f"{cfg['BLOCK_M']},{cfg['BLOCK_N']},{cfg['num_warps']},{cfg['num_stages']}", **stats})
     return rows
@@ -114,7 +134,8 @@ def main() -> None:
     ap.add_argument("--hd", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
     ap.add_argument("--group", type=int, nargs="+", default=[1, 4], help="query heads per kv head (GQA)")
-    ap.add_argument("--kernels", nargs="+", default=["fwd", "bwd_dkdv", "bwd_dkdv_split", "bwd_dkdv_sink", "bwd_dq"])
+    ap.add_argument("--kernels", nargs="+",
+                    default=["fwd", "bwd_dkdv_tma", "bwd_dkdv", "bwd_dkdv_split", "bwd_dkdv_sink", "bwd_dq"])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     rows = []

@@ -160,7 +160,13 @@ def test_naive_global_equals_plain_when_global_is_same() -> None:
 # ----------------------------------------------------------------------------- Triton vs naive (interpreter)
 @needs_interpreter
 @pytest.mark.parametrize("c", CASES, ids=str)
-def test_triton_matches_naive(c: Case) -> None:
+@pytest.mark.parametrize("dkdv", ["tma", "pointer"])
+def test_triton_matches_naive(c: Case, dkdv: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tma``: dk/dv from the TMA-descriptor kernel (``dkdv_tma.py``, the default on Hopper); ``pointer``: from
+    ``flash._bwd_dkdv_kernel`` (other GPUs, inputs TMA cannot read)."""
+    if dkdv == "tma" and c.D not in (16, 32, 64, 128):
+        pytest.skip("the TMA dk/dv runs for power-of-two head dims only")
+    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "1" if dkdv == "tma" else "0")
     _compare(c)
 
 
@@ -173,6 +179,7 @@ def test_triton_gqa_narrow_backward_tiles(c: Case, monkeypatch: pytest.MonkeyPat
     """GQA with query tiles of 8 rows: the dk/dv kernel's flat (head, query block) loop then runs many blocks
     per head in every loop segment."""
     monkeypatch.setenv("LONGKIT_ATTN_BWD_CONFIG", "8,16,4,1;16,16,4,1")
+    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV_CONFIG", "8,16,4,1")
     _compare(c)
 
 
@@ -187,6 +194,7 @@ def test_triton_gqa_dkdv_heads_per_program(c: Case, per_prog: str, monkeypatch: 
     if group % n:
         pytest.skip(f"{n} does not divide the group size {group}")
     monkeypatch.setenv("LONGKIT_ATTN_GQA_SPLIT", str(n))
+    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "0")  # the split belongs to the pointer kernel
     _compare(c)
 
 
@@ -201,6 +209,37 @@ def test_triton_distance_limit_sink_chunks(c: Case, chunk: str, monkeypatch: pyt
     the host; the other kv blocks in their own launch."""
     monkeypatch.setenv("LONGKIT_ATTN_SINK_CHUNK", chunk)
     _compare(c)
+
+
+@needs_interpreter
+def test_tma_dkdv_switch_and_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LONGKIT_ATTN_TMA_DKDV`` accepts 0/1 only; ``=1`` on inputs TMA cannot read (a base address off by 2
+    bytes) is a clear error, and by default such inputs fall back to the pointer kernel with the same result."""
+    from longkit.kernels.masked_attn.dkdv_tma import tma_dkdv_enabled
+
+    x = torch.randn(1, 2, 9, 16)
+    assert tma_dkdv_enabled(x, x, x, x)
+    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        tma_dkdv_enabled(x, x, x, x)
+    odd = torch.randn(1 * 2 * 9 * 16 + 1)[1:].view(1, 2, 9, 16)  # 4 bytes past an aligned base
+    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "1")
+    with pytest.raises(ValueError, match="TMA"):
+        tma_dkdv_enabled(odd, x, x, x)
+    with pytest.raises(ValueError, match="head dim 24"):
+        tma_dkdv_enabled(*(torch.randn(1, 2, 9, 24),) * 4)
+    monkeypatch.delenv("LONGKIT_ATTN_TMA_DKDV")
+    assert not tma_dkdv_enabled(odd, x, x, x)
+    assert not tma_dkdv_enabled(x, x.expand(1, 2, 9, 16)[:, :1].expand(1, 2, 9, 16), x, x)  # stride-0 heads
+    c = Case("causal", causal(), Tq=40, Tk=40)
+    inputs = _inputs(c)
+    inputs["q"] = torch.randn(c.Hq * c.Tq * c.D + 1)[1:].view(1, c.Hq, c.Tq, c.D).copy_(inputs["q"])
+    grad_out = torch.randn(c.B, c.Hq, c.Tq, c.D)
+    ref = _run(naive_masked_attention, inputs, c.mask, grad_out, cast=torch.float64)
+    low = _run(naive_masked_attention, inputs, c.mask, grad_out)
+    tri = _run(_triton, inputs, c.mask, grad_out)
+    for name in ("dq", "dk", "dv"):
+        assert_close(name, ref[name], tri[name], lowprec_ref=low[name], atol_floor=1e-4)
 
 
 def test_bad_kernel_config_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:

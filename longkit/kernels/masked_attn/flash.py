@@ -496,6 +496,36 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _kv_block_rows(MK, mkbase, j0, j1, Tq, Tk, q_offset, n_global, n_local, BLOCK_M: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """For kv block ``[j0, j1]``: its first / last key's document start ``ds0`` / ``ds1``, the document end
+    ``de``, and the query blocks ``[m_start, m_end)`` that can see any of its keys."""
+    j1c = tl.minimum(j1, Tk - 1)
+    if HAS_DOCS:
+        ds0 = tl.load(MK + mkbase + j0)
+        ds1 = tl.load(MK + mkbase + j1c)
+        p_hi = tl.load(MK + mkbase + Tk + j1c)
+    else:
+        ds0 = 0
+        ds1 = 0
+        p_hi = Tk
+    de = p_hi
+    if HAS_WINDOW:
+        has_sink = (j0 - ds0 < n_global) | ((ds1 > j0) & (n_global > 0))
+        p_hi = _sel(has_sink, p_hi, tl.minimum(p_hi, j1 + n_local))
+    if HAS_PREFIX:
+        kcs = tl.load(MK + mkbase + 2 * Tk + j0)
+        krs = tl.load(MK + mkbase + 3 * Tk + j0)
+        inside = (ds0 == ds1) & (j0 >= kcs) & (j1c < krs)
+        p_hi = _sel(inside, tl.minimum(p_hi, krs), p_hi)
+    row_lo = tl.maximum(j0 - q_offset, 0)
+    row_hi = tl.minimum(p_hi - q_offset, Tq)
+    m_start = row_lo // BLOCK_M
+    m_end = tl.maximum((row_hi + BLOCK_M - 1) // BLOCK_M, m_start)
+    return ds0, ds1, de, m_start, m_end
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, dkg, k, v, kg, q_b, do_b, qg_b, LSE, DELTA, row_b, MQ, mbase,
                 s_qh, s_dh, s_gh, s_qt, s_dt, s_gt, h0, offs_n, offs_m0, offs_d, d_ok, j0, j1, Tq,
                 q_offset, n_global, n_local, sm_scale_log2, m_lo, m_hi, GROUP: tl.constexpr,
@@ -622,7 +652,6 @@ def _bwd_dkdv_kernel(
     kd_msk = n_ok[:, None] & d_ok[None, :]
     j0 = start_n
     j1 = start_n + BLOCK_N - 1
-    j1c = tl.minimum(j1, Tk - 1)
     k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None].to(tl.int64) * s_kt + offs_d[None, :],
                 mask=kd_msk, other=0.0)
     v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None].to(tl.int64) * s_vt + offs_d[None, :],
@@ -637,29 +666,8 @@ def _bwd_dkdv_kernel(
         kg = k
         dkg = tl.zeros([1, 1], dtype=tl.float32)  # placeholder: no registers for an unused accumulator
 
-    # query positions that can see this kv block: [p_lo, p_hi)
-    mkbase = b * s_mkb
-    if HAS_DOCS:
-        ds0 = tl.load(MK + mkbase + j0)
-        ds1 = tl.load(MK + mkbase + j1c)
-        p_hi = tl.load(MK + mkbase + Tk + j1c)
-    else:
-        ds0 = 0
-        ds1 = 0
-        p_hi = Tk
-    de = p_hi
-    if HAS_WINDOW:
-        has_sink = (j0 - ds0 < n_global) | ((ds1 > j0) & (n_global > 0))
-        p_hi = _sel(has_sink, p_hi, tl.minimum(p_hi, j1 + n_local))
-    if HAS_PREFIX:
-        kcs = tl.load(MK + mkbase + 2 * Tk + j0)
-        krs = tl.load(MK + mkbase + 3 * Tk + j0)
-        inside = (ds0 == ds1) & (j0 >= kcs) & (j1c < krs)
-        p_hi = _sel(inside, tl.minimum(p_hi, krs), p_hi)
-    row_lo = tl.maximum(j0 - q_offset, 0)
-    row_hi = tl.minimum(p_hi - q_offset, Tq)
-    m_start = row_lo // BLOCK_M
-    m_end = tl.maximum((row_hi + BLOCK_M - 1) // BLOCK_M, m_start)
+    ds0, ds1, de, m_start, m_end = _kv_block_rows(MK, b * s_mkb, j0, j1, Tq, Tk, q_offset, n_global, n_local,
+                                                  BLOCK_M, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
     mid_lo, mid_hi = _split_kv_block(j0, j1, ds0, ds1, de, m_start, m_end, q_offset, n_global, n_local,
                                      BLOCK_M, HAS_WINDOW, HAS_DOCS, FAST_PATH)
     # distance limit: sink kv blocks run one masked loop with the q_global/k_global variant
@@ -906,6 +914,20 @@ def _sink_dkdv(dkdv_args: tuple, dk: torch.Tensor, dv: torch.Tensor, dkg: torch.
     return launched
 
 
+def _tma_dkdv_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                   flags: dict[str, bool], sink_block_n: int | None) -> dict[str, int] | None:
+    """Tiles of the TMA dk/dv kernel (``dkdv_tma.py``) if it runs for these inputs, else None (the pointer
+    kernel runs). With the distance limit its kv tile must match the sink launch's (``sink_block_n``)."""
+    from .dkdv_tma import tma_dkdv_config, tma_dkdv_enabled  # imports this module's jit helpers
+
+    if not tma_dkdv_enabled(q, k, v, grad_out):
+        return None
+    cfg = tma_dkdv_config(q.shape[-1], flags)
+    if sink_block_n is not None and cfg["BLOCK_N"] != sink_block_n:
+        return None
+    return cfg
+
+
 _MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's 2nd and 3rd dimensions
 
 
@@ -1013,7 +1035,14 @@ def flash_masked_attention_bwd(
     # blocks, which every query sees, get their own launch split over query chunks (else B*Hkv programs would
     # each walk all of Tq alone at the end of the backward).
     n_sink_blk = min(triton.cdiv(n_global, cfg_kv["BLOCK_N"]), n_kv_blk) if q_global is not None else 0
-    if n_kv_blk > n_sink_blk:
+    tma_cfg = _tma_dkdv_plan(q, k, v, grad_out, flags, cfg_kv["BLOCK_N"] if n_sink_blk else None)
+    if n_kv_blk > n_sink_blk and tma_cfg is not None:
+        # Hopper: every load through a TMA descriptor, one loop with the elementwise mask (dkdv_tma.py)
+        from .dkdv_tma import launch_tma_dkdv
+
+        LAST_LAUNCH["bwd_dkdv"] = launch_tma_dkdv(q, k, v, grad_out, lse, delta, dk, dv, meta_q, meta_k, s_mkb,
+                                                 q_offset, n_global, n_local, scale, flags, n_sink_blk, tma_cfg)
+    elif n_kv_blk > n_sink_blk:
         cfg_main = _bwd_config(D, {**flags, "USE_GLOBAL": False})[0] if n_sink_blk else cfg_kv
         if cfg_main["BLOCK_N"] != cfg_kv["BLOCK_N"]:
             raise ValueError(f"dk/dv tiles {cfg_main} and {cfg_kv} (distance limit) need the same BLOCK_N")
