@@ -116,10 +116,10 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def tma_dkdv_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> bool:
-    """Whether the TMA dk/dv runs: by default on Hopper (sm_90) and under the interpreter (tests), for head dims
-    16, 32, 64 and 128 (other sizes would read a zero-padded TMA box, not run on a GPU yet) when every input meets
-    TMA's alignment; else the pointer kernel runs. ``LONGKIT_ATTN_TMA_DKDV=0`` turns it off; ``=1`` turns it on
-    on any GPU and raises if the inputs cannot use it."""
+    """Whether the TMA dk/dv runs: by default on Hopper (sm_90) at head dims 64 and 128 (measured and GPU-tested)
+    and under the interpreter (tests) at 16, 32, 64 and 128, when every input meets TMA's alignment; else the
+    pointer kernel runs. Other head dims would need a zero-padded TMA box (not built). ``LONGKIT_ATTN_TMA_DKDV=0``
+    turns it off; ``=1`` turns it on for 16/32/64/128 on any GPU and raises if the inputs cannot use it."""
     env = os.environ.get("LONGKIT_ATTN_TMA_DKDV")
     if env not in (None, "", "0", "1"):
         raise ValueError(f"LONGKIT_ATTN_TMA_DKDV must be 0 or 1, got {env!r}")
@@ -136,8 +136,10 @@ def tma_dkdv_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out
             raise ValueError("LONGKIT_ATTN_TMA_DKDV=1 but q/k/v/grad_out are not TMA-aligned (16-byte base and "
                              "strides, contiguous last dim); unset it to use the pointer kernel")
         return False
-    hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-    return hopper or _interpreting() or env == "1"
+    if env == "1" or _interpreting():
+        return True
+    # by default only where it was measured and GPU-tested: Hopper, head dims 64 and 128
+    return D in (64, 128) and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 def tma_dkdv_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
