@@ -102,8 +102,50 @@ RUN = textwrap.dedent("""
     print("RESULT", [round((a.float() - b.float()).abs().max().item(), 4) for a, b in zip(got[:3], ref[:3])])
 """)
 
+PROBE_RUN = textwrap.dedent("""
+    import sys, torch, triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    sys.path.insert(0, "{here}")
+    from kernels import ws_dkdv, ws_dkdv_host
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    B, H, T, D, BM, BN = 1, 2, 256, 128, 64, 128
+    q, k, v, do = (torch.randn(B * H * T, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.randn(B * H * T, device="cuda").abs() + 5
+    delta = torch.randn(B * H * T, device="cuda")
+    outs = []
+    for kernel in ("device", "host"):
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        if kernel == "device":
+            ws_dkdv[(T // BN, B * H)](q, k, v, do, lse, delta, dk, dv, T, 0.1, 0.1, D=D, BLOCK_M=BM, BLOCK_N=BN,
+                                      WS={ws}, num_warps=4, num_stages=3)
+        else:
+            pairs = ((q, BM), (k, BN), (v, BN), (do, BM))
+            d = [TensorDescriptor(t, [B * H * T, D], [D, 1], [bm, D]) for t, bm in pairs]
+            l1 = [TensorDescriptor(t, [B * H * T], [1], [BM]) for t in (lse, delta)]
+            ws_dkdv_host[(T // BN, B * H)](*d, *l1, dk, dv, T, 0.1, 0.1, D=D, BLOCK_M=BM, BLOCK_N=BN, WS={ws},
+                                           num_warps=4, num_stages=3)
+        torch.cuda.synchronize()
+        outs.append((dk.float(), dv.float()))
+        print("RESULT", kernel, "finished", flush=True)
+    print("RESULT max |device - host|", max((a - b).abs().max().item() for a, b in zip(outs[0], outs[1])))
+""")
+
+
+def probe_kernels() -> None:
+    """The probe's dk/dv (which ran specialised) with device-side vs host-side descriptors."""
+    for ws in ("True", "False"):
+        code = PROBE_RUN.format(here=Path(__file__).resolve().parent, ws=ws)
+        try:
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            res = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")] or [r.stderr[-300:]]
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            res = [ln for ln in out.splitlines() if ln.startswith("RESULT")] + ["TIMEOUT (hang)"]
+        print("probe", "warp-specialised" if ws == "True" else "plain", " | ".join(res), flush=True)
+
 
 def main() -> None:
+    probe_kernels()
     for name, f in VARIANTS.items():
         for ws in ("1", "0"):
             src = f(SRC)
