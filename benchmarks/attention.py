@@ -326,8 +326,17 @@ def main() -> None:
                     help="sweep: extra backward rows under 'NAME=VALUE[;NAME=VALUE]' environment settings")
     ap.add_argument("--precompile-workers", type=int, default=0,
                     help="compile longkit's kernels first in this many parallel processes (warms Triton's disk cache)")
+    ap.add_argument("--compile-cache", type=Path, default=None,
+                    help="keep Inductor's and Triton's compiled kernels here (Flex's compiles dominate a run; a cache "
+                         "carried to the next device call skips them)")
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compile_cache is not None:
+        import os
+
+        # read when compiling, so setting them now (also for the precompile subprocesses) takes effect
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((args.compile_cache / "inductor").resolve())
+        os.environ["TRITON_CACHE_DIR"] = str((args.compile_cache / "triton").resolve())
     if args.precompile_workers > 0 and not args.warm_only:
         precompile(args, args.precompile_workers)
     if args.sweep:
