@@ -918,8 +918,12 @@ def _tma_dkdv_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: 
                    flags: dict[str, bool], sink_block_n: int | None) -> dict[str, int] | None:
     """Tiles of the TMA dk/dv kernel (``dkdv_tma.py``) if it runs for these inputs, else None (the pointer
     kernel runs). With the distance limit its kv tile must match the sink launch's (``sink_block_n``)."""
-    from .dkdv_tma import tma_dkdv_config, tma_dkdv_enabled  # imports this module's jit helpers
-
+    try:
+        from .dkdv_tma import tma_dkdv_config, tma_dkdv_enabled  # imports this module's jit helpers
+    except ImportError as e:  # an older Triton without host tensor descriptors: the pointer kernel runs
+        if os.environ.get("LONGKIT_ATTN_TMA_DKDV") == "1":
+            raise RuntimeError(f"LONGKIT_ATTN_TMA_DKDV=1 needs triton.tools.tensor_descriptor ({e})") from e
+        return None
     if not tma_dkdv_enabled(q, k, v, grad_out):
         return None
     cfg = tma_dkdv_config(q.shape[-1], flags)
