@@ -228,6 +228,10 @@ def test_tma_dkdv_switch_and_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "1")
     with pytest.raises(ValueError, match="TMA"):
         tma_dkdv_enabled(odd, x, x, x)
+    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV_CONFIG", "64,128,8")
+    with pytest.raises(ValueError, match="bad kernel config"):
+        _compare(Case("causal", causal(), Tq=20, Tk=20))
+    monkeypatch.delenv("LONGKIT_ATTN_TMA_DKDV_CONFIG")
     monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV_WARPSPEC", "on")
     with pytest.raises(ValueError, match="WARPSPEC must be 0 or 1"):
         _compare(Case("causal", causal(), Tq=20, Tk=20))

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .flash import _LOG2E, _kv_block_rows, _visible
+from .flash import _LOG2E, _kv_block_rows, _parse_cfg, _visible
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local", "BLK_OFF"])
@@ -167,8 +167,7 @@ def tma_dkdv_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
     ``LONGKIT_ATTN_TMA_DKDV_CONFIG="BM,BN,warps,stages"`` overrides (tuning, tests)."""
     env = os.environ.get("LONGKIT_ATTN_TMA_DKDV_CONFIG")
     if env:
-        bm, bn, w, s = (int(x) for x in env.split(","))
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+        return _parse_cfg(env)
     if _interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if warp_specialize():
