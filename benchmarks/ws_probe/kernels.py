@@ -39,6 +39,55 @@ def ws_fwd(
 
 
 @triton.jit
+def _dkdv_causal(
+    q_desc,
+    k_desc,
+    v_desc,
+    do_desc,
+    lse_desc,
+    delta_desc,
+    DK,
+    DV,
+    T,
+    qk_scale,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WS: tl.constexpr,
+):
+    """Causal dk, dv of kv block ``program_id(0)`` of row ``program_id(1)`` from ``[rows, D]`` / ``[rows]``
+    descriptors (however they were made)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    row0 = bh * T
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kv_off = (row0 + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :]
+    k = k_desc.load([row0 + start_n, 0])
+    v = v_desc.load([row0 + start_n, 0])
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    m_lo = (start_n // BLOCK_M) * BLOCK_M
+    for start_m in tl.range(m_lo, T, BLOCK_M, warp_specialize=WS):
+        q = q_desc.load([row0 + start_m, 0])
+        do = do_desc.load([row0 + start_m, 0])
+        lse = lse_desc.load([row0 + start_m]) * 1.4426950408889634
+        delta = delta_desc.load([row0 + start_m])
+        st = tl.dot(k, q.T) * qk_scale
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        st = tl.where(offs_m[None, :] >= offs_n[:, None], st, float("-inf"))
+        pt = tl.math.exp2(st - lse[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, do.T)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk)
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
 def ws_dkdv(
     Q,
     K,
@@ -56,41 +105,17 @@ def ws_dkdv(
     BLOCK_N: tl.constexpr,
     WS: tl.constexpr,
 ):
-    """Causal dk, dv of one kv block (LSE in natural log; DELTA = rowsum(dO * O))."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Causal dk, dv of one kv block (LSE in natural log; DELTA = rowsum(dO * O)), descriptors made here."""
     n_rows = tl.num_programs(1) * T
-    dq_ = tl.make_tensor_descriptor(Q, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_M, D])
-    ddo = tl.make_tensor_descriptor(DO, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_M, D])
-    dl = tl.make_tensor_descriptor(LSE, shape=[n_rows], strides=[1], block_shape=[BLOCK_M])
-    dd = tl.make_tensor_descriptor(DELTA, shape=[n_rows], strides=[1], block_shape=[BLOCK_M])
-    row0 = bh * T
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    kv_off = (row0 + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :]
-    dkd = tl.make_tensor_descriptor(K, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, D])
-    dvd = tl.make_tensor_descriptor(V, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, D])
-    k = dkd.load([row0 + start_n, 0])
-    v = dvd.load([row0 + start_n, 0])
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    m_lo = (start_n // BLOCK_M) * BLOCK_M
-    for start_m in tl.range(m_lo, T, BLOCK_M, warp_specialize=WS):
-        q = dq_.load([row0 + start_m, 0])
-        do = ddo.load([row0 + start_m, 0])
-        lse = dl.load([row0 + start_m]) * 1.4426950408889634
-        delta = dd.load([row0 + start_m])
-        st = tl.dot(k, q.T) * qk_scale
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        st = tl.where(offs_m[None, :] >= offs_n[:, None], st, float("-inf"))
-        pt = tl.math.exp2(st - lse[None, :])
-        dv = tl.dot(pt.to(do.dtype), do, dv)
-        dpt = tl.dot(v, do.T)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk)
-    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty))
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
+    q_desc = tl.make_tensor_descriptor(Q, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+    do_desc = tl.make_tensor_descriptor(DO, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+    lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_rows], strides=[1], block_shape=[BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_rows], strides=[1], block_shape=[BLOCK_M])
+    k_desc = tl.make_tensor_descriptor(K, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    _dkdv_causal(
+        q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, DK, DV, T, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, WS
+    )
 
 
 @triton.jit
@@ -161,30 +186,6 @@ def ws_dkdv_host(
 ):
     """:func:`ws_dkdv` with host-side tensor descriptors (``[rows, D]`` and flat ``[rows]``), as longkit's TMA
     dk/dv takes them: does the way descriptors are made decide whether the specialised kernel runs?"""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    row0 = bh * T
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    kv_off = (row0 + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :]
-    k = k_desc.load([row0 + start_n, 0])
-    v = v_desc.load([row0 + start_n, 0])
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    m_lo = (start_n // BLOCK_M) * BLOCK_M
-    for start_m in tl.range(m_lo, T, BLOCK_M, warp_specialize=WS):
-        q = q_desc.load([row0 + start_m, 0])
-        do = do_desc.load([row0 + start_m, 0])
-        lse = lse_desc.load([row0 + start_m]) * 1.4426950408889634
-        delta = delta_desc.load([row0 + start_m])
-        st = tl.dot(k, q.T) * qk_scale
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        st = tl.where(offs_m[None, :] >= offs_n[:, None], st, float("-inf"))
-        pt = tl.math.exp2(st - lse[None, :])
-        dv = tl.dot(pt.to(do.dtype), do, dv)
-        dpt = tl.dot(v, do.T)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk)
-    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty))
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
+    _dkdv_causal(
+        q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, DK, DV, T, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, WS
+    )

@@ -40,87 +40,42 @@ def run_probe(B, H, T, D, dtype=torch.bfloat16, fwd_cfgs=(), dkdv_cfgs=(), dq_cf
         o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=scale)
         o.backward(do.float())
         ref = {"out": o.detach(), "dq": qr.grad, "dk": kr.grad, "dv": vr.grad}
-    for bm, bn, nw, st, ws in fwd_cfgs:
-        o = torch.empty_like(q)
-        l2 = torch.empty(B, H, T, device="cuda")
-        f = lambda: ws_fwd[(T // bm, B * H)](
-            q, k, v, o, l2, T, scale * LOG2E, D=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws, num_warps=nw, num_stages=st
-        )
-        try:
-            f()
-            torch.cuda.synchronize()
-        except Exception as e:
-            rows.append({"kernel": "fwd", "cfg": [bm, bn, nw, st, ws], "error": str(e)[:200]})
-            continue
-        r = {"kernel": "fwd", "cfg": [bm, bn, nw, st, ws], "ms": bench(f)}
-        r["err_vs_longkit"] = (o.float() - out_ref.float()).abs().max().item()
-        if check:
-            r["err_vs_ref"] = (o.float() - ref["out"]).abs().max().item()
-        rows.append(r)
-    for bm, bn, nw, st, ws in dkdv_cfgs:
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        f = lambda: ws_dkdv[(T // bn, B * H)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            T,
-            scale * LOG2E,
-            scale,
-            D=D,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            WS=ws,
-            num_warps=nw,
-            num_stages=st,
-        )
-        try:
-            f()
-            torch.cuda.synchronize()
-        except Exception as e:
-            rows.append({"kernel": "dkdv", "cfg": [bm, bn, nw, st, ws], "error": str(e)[:200]})
-            continue
-        r = {"kernel": "dkdv", "cfg": [bm, bn, nw, st, ws], "ms": bench(f)}
-        if check:
-            r["err_vs_ref"] = max(
-                (dk.float() - ref["dk"]).abs().max().item(), (dv.float() - ref["dv"]).abs().max().item()
-            )
-        rows.append(r)
-    for bm, bn, nw, st, ws in dq_cfgs:
-        dq = torch.empty_like(q)
-        f = lambda: ws_dq[(T // bm, B * H)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dq,
-            T,
-            scale * LOG2E,
-            scale,
-            D=D,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            WS=ws,
-            num_warps=nw,
-            num_stages=st,
-        )
-        try:
-            f()
-            torch.cuda.synchronize()
-        except Exception as e:
-            rows.append({"kernel": "dq", "cfg": [bm, bn, nw, st, ws], "error": str(e)[:200]})
-            continue
-        r = {"kernel": "dq", "cfg": [bm, bn, nw, st, ws], "ms": bench(f)}
-        if check:
-            r["err_vs_ref"] = (dq.float() - ref["dq"]).abs().max().item()
-        rows.append(r)
+    def time_cfgs(kernel, cfgs, launch, errors):
+        """Time ``launch(bm, bn, nw, st, ws)`` per config; ``errors()`` gives the row's error columns."""
+        for cfg in cfgs:
+            f = lambda: launch(*cfg)
+            try:
+                f()
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - a config that does not compile or launch is a row too
+                rows.append({"kernel": kernel, "cfg": list(cfg), "error": str(e)[:200]})
+                continue
+            rows.append({"kernel": kernel, "cfg": list(cfg), "ms": bench(f), **errors()})
+
+    o, l2 = torch.empty_like(q), torch.empty(B, H, T, device="cuda")
+    dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+    time_cfgs(
+        "fwd", fwd_cfgs,
+        lambda bm, bn, nw, st, ws: ws_fwd[(T // bm, B * H)](
+            q, k, v, o, l2, T, scale * LOG2E, D=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws, num_warps=nw, num_stages=st),
+        lambda: {"err_vs_longkit": (o.float() - out_ref.float()).abs().max().item(),
+                 **({"err_vs_ref": (o.float() - ref["out"]).abs().max().item()} if check else {})},
+    )
+    time_cfgs(
+        "dkdv", dkdv_cfgs,
+        lambda bm, bn, nw, st, ws: ws_dkdv[(T // bn, B * H)](
+            q, k, v, do, lse, delta, dk, dv, T, scale * LOG2E, scale, D=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws,
+            num_warps=nw, num_stages=st),
+        lambda: {"err_vs_ref": max((dk.float() - ref["dk"]).abs().max().item(),
+                                   (dv.float() - ref["dv"]).abs().max().item())} if check else {},
+    )
+    time_cfgs(
+        "dq", dq_cfgs,
+        lambda bm, bn, nw, st, ws: ws_dq[(T // bm, B * H)](
+            q, k, v, do, lse, delta, dq, T, scale * LOG2E, scale, D=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws,
+            num_warps=nw, num_stages=st),
+        lambda: {"err_vs_ref": (dq.float() - ref["dq"]).abs().max().item()} if check else {},
+    )
     # baselines: longkit fwd, longkit bwd per kernel (profiler), cuDNN SDPA fwd / fwd+bwd
     rows.append(
         {

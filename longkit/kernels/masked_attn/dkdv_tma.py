@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .flash import _LOG2E, _kv_block_rows, _parse_cfg, _visible
+from .flash import _LOG2E, _interpreting, _kv_block_rows, _parse_cfg, _visible
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local", "BLK_OFF"])
@@ -263,7 +263,3 @@ def _scratch_allocator(needed: bool, device: torch.device) -> Iterator[None]:
         yield
     finally:
         var.reset(token)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
