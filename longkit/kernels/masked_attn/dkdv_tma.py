@@ -163,7 +163,7 @@ def tma_dkdv_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out
 
 def tma_dkdv_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
     """Tiles, from a same-run H200 sweep at 16k (``attention_sweep_h200_tma_dkdv.json``): hd 128 takes 3 pipeline
-    stages except with a window (2 were 2-3% faster there); hd 64 a 32-row query tile on 4 warps.
+    stages except with a window (2 were 3% faster there); hd 64 a 32-row query tile on 4 warps.
     ``LONGKIT_ATTN_TMA_DKDV_CONFIG="BM,BN,warps,stages"`` overrides (tuning, tests)."""
     env = os.environ.get("LONGKIT_ATTN_TMA_DKDV_CONFIG")
     if env:
