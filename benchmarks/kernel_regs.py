@@ -44,8 +44,7 @@ def _tma_descs(cfg: dict, block_d: int, dtype: str, flags: dict) -> dict[str, st
     rows = f"tensordesc<{dtype}[1, 1, {bm}, {block_d}]>"
     cols = f"tensordesc<{dtype}[1, 1, {bn}, {block_d}]>"
     return {"q_desc": rows, "do_desc": rows, "k_desc": cols, "v_desc": cols, "lse_desc": f"tensordesc<fp32[1, {bm}]>",
-            "delta_desc": f"tensordesc<fp32[1, {bm}]>", "mq_desc": f"tensordesc<{mq}[1, {bm}]>",
-            "dq_desc": f"tensordesc<fp32[1, 1, {bm}, {block_d}]>"}
+            "delta_desc": f"tensordesc<fp32[1, {bm}]>", "mq_desc": f"tensordesc<{mq}[1, {bm}]>"}
 
 
 def _signature(kernel: triton.JITFunction, consts: dict, dtype: str,
@@ -116,18 +115,14 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
                            {**plain, "GROUP": 1, "SPLIT_HEADS": True}))
     if head_dim in (16, 32, 64, 128):
         # the default dk/dv on Hopper (TMA loads); flash's pointer kernel above runs elsewhere
-        tma_cfg = dkdv_tma.tma_dkdv_config(head_dim, plain)
-        kernels.insert(1, ("bwd_dkdv_tma", dkdv_tma._bwd_dkdv_tma_kernel, tma_cfg,
-                           {**plain, "WARP_SPEC": False, "FUSE_DQ": False}))
-        if not flags["USE_GLOBAL"]:  # LONGKIT_ATTN_FUSED_DQ=1: dq accumulated by the same kernel
-            kernels.insert(2, ("bwd_dkdv_tma_dq", dkdv_tma._bwd_dkdv_tma_kernel, tma_cfg,
-                               {**plain, "WARP_SPEC": False, "FUSE_DQ": True}))
+        kernels.insert(1, ("bwd_dkdv_tma", dkdv_tma._bwd_dkdv_tma_kernel, dkdv_tma.tma_dkdv_config(head_dim, plain),
+                           {**plain, "WARP_SPEC": False}))
     for name, kernel, cfg, override in kernels:
         tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         consts = {**base, **override, **tiles}
         if name == "bwd_dq" and group != 1:
             del consts["GROUP"]  # a run-time argument there
-        descs = _tma_descs(cfg, base["BLOCK_D"], "bf16", flags) if name.startswith("bwd_dkdv_tma") else None
+        descs = _tma_descs(cfg, base["BLOCK_D"], "bf16", flags) if name == "bwd_dkdv_tma" else None
         stats = compile_stats(kernel, consts, cfg["num_warps"], cfg["num_stages"], descs=descs)
         rows.append({"D": head_dim, "mask": mask, "group": group, "kernel": name,
                      "cfg": f"{cfg['BLOCK_M']},{cfg['BLOCK_N']},{cfg['num_warps']},{cfg['num_stages']}", **stats})
@@ -140,8 +135,7 @@ def main() -> None:
     ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
     ap.add_argument("--group", type=int, nargs="+", default=[1, 4], help="query heads per kv head (GQA)")
     ap.add_argument("--kernels", nargs="+",
-                    default=["fwd", "bwd_dkdv_tma", "bwd_dkdv_tma_dq", "bwd_dkdv", "bwd_dkdv_split", "bwd_dkdv_sink",
-                             "bwd_dq"])
+                    default=["fwd", "bwd_dkdv_tma", "bwd_dkdv", "bwd_dkdv_split", "bwd_dkdv_sink", "bwd_dq"])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     rows = []

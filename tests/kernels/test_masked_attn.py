@@ -21,7 +21,6 @@ from longkit.kernels import (
     shared_prefix,
     sink_window,
 )
-from longkit.kernels.masked_attn import flash
 from longkit.kernels.testing import assert_close
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -161,21 +160,16 @@ def test_naive_global_equals_plain_when_global_is_same() -> None:
 # ----------------------------------------------------------------------------- Triton vs naive (interpreter)
 @needs_interpreter
 @pytest.mark.parametrize("c", CASES, ids=str)
-@pytest.mark.parametrize("dkdv", ["tma", "tma_fused_dq", "tma_warpspec", "pointer"])
+@pytest.mark.parametrize("dkdv", ["tma", "tma_warpspec", "pointer"])
 def test_triton_matches_naive(c: Case, dkdv: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``tma``: dk/dv from the TMA-descriptor kernel (``dkdv_tma.py``, the default on Hopper); ``tma_fused_dq``:
-    the same kernel also accumulating dq (TMA reduce-add; the dq kernel is skipped, except with the distance
-    limit); ``tma_warpspec``: its experimental warp-specialised form (k/v descriptors made in the kernel; the
-    interpreter runs the code without specialising); ``pointer``: from ``flash._bwd_dkdv_kernel`` (other GPUs,
-    inputs TMA cannot read)."""
+    """``tma``: dk/dv from the TMA-descriptor kernel (``dkdv_tma.py``, the default on Hopper); ``tma_warpspec``:
+    its experimental warp-specialised form (k/v descriptors made in the kernel; the interpreter runs the code
+    without specialising); ``pointer``: from ``flash._bwd_dkdv_kernel`` (other GPUs, inputs TMA cannot read)."""
     if dkdv != "pointer" and c.D not in (16, 32, 64, 128):
         pytest.skip("the TMA dk/dv runs for power-of-two head dims only")
     monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "0" if dkdv == "pointer" else "1")
     monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV_WARPSPEC", "1" if dkdv == "tma_warpspec" else "0")
-    monkeypatch.setenv("LONGKIT_ATTN_FUSED_DQ", "1" if dkdv == "tma_fused_dq" else "0")
     _compare(c)
-    if dkdv == "tma_fused_dq":
-        assert ("bwd_dq" in flash.LAST_LAUNCH) == c.use_global, "the dq kernel runs only with the distance limit"
 
 
 GQA_CASES = [c for c in CASES if c.Hq > c.Hkv]

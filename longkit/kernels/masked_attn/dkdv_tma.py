@@ -35,39 +35,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .flash import _LOG2E, _interpreting, _kv_block_rows, _parse_cfg, _visible
 
 
-def _interpreter_descriptor_add() -> None:
-    """Triton 3.6's CPU interpreter has no ``tensor_descriptor.atomic_add`` (``create_descriptor_reduce``); give it
-    the add, as a masked read-modify-write (the interpreter runs programs one at a time). Interpreter mode only:
-    on a GPU the kernel's add is a TMA reduce."""
-    from triton.runtime import interpreter as _interp
-
-    builder = _interp.InterpreterBuilder
-    if hasattr(builder, "create_descriptor_reduce"):
-        return
-
-    def create_descriptor_reduce(self, kind, desc, value, indices):  # noqa: ANN001, ANN202 - private signature
-        if "ADD" not in str(kind):
-            raise NotImplementedError(f"interpreter: descriptor reduce {kind} (only ADD is provided by longkit)")
-        ptrs, mask = desc.materialize_pointers(indices)
-        old = self.create_masked_load(ptrs, mask, None, None, None, False)
-        new = _interp.TensorHandle(old.data + value.data, old.dtype)
-        return self.create_masked_store(ptrs, new, mask, None, None)
-
-    builder.create_descriptor_reduce = create_descriptor_reduce
-
-
-if _interpreting():
-    _interpreter_descriptor_add()
-
-
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local", "BLK_OFF"])
 def _bwd_dkdv_tma_kernel(
-    q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, mq_desc, dq_desc, DK, DV, MK, K, V,
+    q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, mq_desc, DK, DV, MK, K, V,
     s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, mq_rows_per_b, s_mkb, Hq, Hkv, Tq, Tk, q_offset, n_global, n_local,
     sm_scale_log2, sm_scale, BLK_OFF,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    WARP_SPEC: tl.constexpr, FUSE_DQ: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """Program ``(i, b * Hkv + hk)``: dk, dv of kv block ``BLK_OFF + i`` of kv head ``hk``, written to
     ``DK/DV [B, Hkv, Tk, HEAD_DIM]`` (contiguous).
@@ -75,11 +50,7 @@ def _bwd_dkdv_tma_kernel(
     ``lse_desc`` / ``delta_desc``: ``[B * Hq, Tq]`` views, the log-sum-exp in base 2 with -inf (rows that see no
     key) replaced by +inf (p = 0 there). ``mq_desc``: the ``[Bm * 3, Tq]`` view of the query mask table,
     ``mq_rows_per_b`` = 3 (per-row tables) or 0 (one shared table). Row offsets of a 2-D descriptor may be
-    anything, but TMA wants the innermost offset 16-byte aligned: hence 2-D views, not flat 1-D ones.
-
-    ``FUSE_DQ``: also add each pair's unscaled dq share (``dS @ K``) into ``dq_desc`` (fp32 ``[B, Hq, Tq, D]``,
-    zeroed) by TMA reduce-add, so that the separate dq kernel (which recomputes ``QK^T`` and ``dO V^T``) is not
-    needed: 5 matrix products instead of 7, at the price of a non-deterministic order of the fp32 adds."""
+    anything, but TMA wants the innermost offset 16-byte aligned: hence 2-D views, not flat 1-D ones."""
     pid_n = tl.program_id(0) + BLK_OFF
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -147,13 +118,7 @@ def _bwd_dkdv_tma_kernel(
         dv = tl.dot(pt.to(do.dtype), do, dv)
         dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
-        ds16 = dst.to(q.dtype)
-        dk = tl.dot(ds16, q, dk)
-        if FUSE_DQ:
-            # dq's share of this (query block, kv block) pair, unscaled, added into fp32 by a TMA reduce
-            # (order of the adds varies: not deterministic)
-            dq_part = tl.dot(tl.trans(ds16), k)
-            dq_desc.atomic_add([b, h, start_m, 0], dq_part.reshape(1, 1, BLOCK_M, BLOCK_D))
+        dk = tl.dot(dst.to(q.dtype), q, dk)
 
     msk = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
     out = (bh.to(tl.int64) * Tk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
@@ -234,12 +199,10 @@ def _desc_2d(t: torch.Tensor, block_cols: int) -> TensorDescriptor:
 def launch_tma_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
                    delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, meta_q: torch.Tensor,
                    meta_k: torch.Tensor, s_mkb: int, q_offset: int, n_global: int, n_local: int,
-                   scale: float, flags: dict[str, bool], blk_off: int, cfg: dict[str, int],
-                   dq_acc: torch.Tensor | None = None) -> object:
+                   scale: float, flags: dict[str, bool], blk_off: int, cfg: dict[str, int]) -> object:
     """dk, dv of kv blocks ``blk_off..`` into contiguous ``dk``/``dv`` (``[B, Hkv, Tk, D]``). ``lse``: the
     forward's (natural log, ``[B, Hq, Tq]``); ``delta`` ``[B, Hq, Tq]`` contiguous; ``meta_q`` as from
-    :func:`flash.build_mask_tables`. With ``dq_acc`` (fp32 ``[B, Hq, Tq, D]`` zeros, contiguous) the kernel also
-    accumulates the unscaled dq into it (see ``FUSE_DQ``)."""
+    :func:`flash.build_mask_tables`."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -257,27 +220,15 @@ def launch_tma_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out:
     else:
         mq_d = lse_d  # placeholder, never read
     n_blk = triton.cdiv(Tk, bn) - blk_off
-    dqd = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, 1, bm, block_d]) \
-        if dq_acc is not None else qd  # placeholder, never touched
     warp_spec = warp_specialize()
     with _scratch_allocator(warp_spec, q.device):
         return _bwd_dkdv_tma_kernel[(n_blk, B * Hkv)](
-            qd, kd, vd, dod, lse_d, delta_d, mq_d, dqd, dk, dv, meta_k, k, v, *k.stride()[:3], *v.stride()[:3],
+            qd, kd, vd, dod, lse_d, delta_d, mq_d, dk, dv, meta_k, k, v, *k.stride()[:3], *v.stride()[:3],
             3 if has_mq and meta_q.shape[0] > 1 else 0, s_mkb,
             Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale, blk_off,
             GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, HAS_WINDOW=flags["HAS_WINDOW"],
-            HAS_DOCS=flags["HAS_DOCS"], HAS_PREFIX=flags["HAS_PREFIX"], WARP_SPEC=warp_spec,
-            FUSE_DQ=dq_acc is not None, **cfg,
+            HAS_DOCS=flags["HAS_DOCS"], HAS_PREFIX=flags["HAS_PREFIX"], WARP_SPEC=warp_spec, **cfg,
         )
-
-
-def fused_dq() -> bool:
-    """``LONGKIT_ATTN_FUSED_DQ=1``: the TMA dk/dv kernel also accumulates dq (fp32 TMA reduce-add, not
-    deterministic) and the dq kernel is skipped. Experimental, off by default until timed."""
-    env = os.environ.get("LONGKIT_ATTN_FUSED_DQ", "0")
-    if env not in ("0", "1"):
-        raise ValueError(f"LONGKIT_ATTN_FUSED_DQ must be 0 or 1, got {env!r}")
-    return env == "1"
 
 
 def warp_specialize() -> bool:

@@ -1040,16 +1040,12 @@ def flash_masked_attention_bwd(
     # each walk all of Tq alone at the end of the backward).
     n_sink_blk = min(triton.cdiv(n_global, cfg_kv["BLOCK_N"]), n_kv_blk) if q_global is not None else 0
     tma_cfg = _tma_dkdv_plan(q, k, v, grad_out, flags, cfg_kv["BLOCK_N"] if n_sink_blk else None)
-    dq_acc = None
     if n_kv_blk > n_sink_blk and tma_cfg is not None:
         # Hopper: every load through a TMA descriptor, one loop with the elementwise mask (dkdv_tma.py)
-        from .dkdv_tma import fused_dq, launch_tma_dkdv
+        from .dkdv_tma import launch_tma_dkdv
 
-        if q_global is None and fused_dq():
-            dq_acc = torch.zeros(B, Hq, Tq, D, dtype=torch.float32, device=q.device)
         LAST_LAUNCH["bwd_dkdv"] = launch_tma_dkdv(q, k, v, grad_out, lse, delta, dk, dv, meta_q, meta_k, s_mkb,
-                                                 q_offset, n_global, n_local, scale, flags, n_sink_blk, tma_cfg,
-                                                 dq_acc)
+                                                 q_offset, n_global, n_local, scale, flags, n_sink_blk, tma_cfg)
     elif n_kv_blk > n_sink_blk:
         cfg_main = _bwd_config(D, {**flags, "USE_GLOBAL": False})[0] if n_sink_blk else cfg_kv
         if cfg_main["BLOCK_N"] != cfg_kv["BLOCK_N"]:
@@ -1077,10 +1073,6 @@ def flash_masked_attention_bwd(
     if n_sink_blk:
         LAST_LAUNCH["bwd_dkdv_sink"] = _sink_dkdv(dkdv_args, dk, dv, dkg, meta_q, meta_k, scalars, consts, flags,
                                                   cfg_kv, n_sink_blk)
-    if dq_acc is not None:  # the TMA dk/dv kernel accumulated dq
-        LAST_LAUNCH.pop("bwd_dq", None)
-        dq.copy_(dq_acc.mul_(scale))
-        return dq, dk, dv, dqg, dkg
     LAST_LAUNCH["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(Tq, cfg_q["BLOCK_M"]), B * Hq)](
         q, k, v, qg, kg, grad_out, lse, delta, dq, dqg if dqg is not None else dq, meta_q,
         *common_strides, s_mb,
