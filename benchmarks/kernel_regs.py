@@ -116,7 +116,7 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
     if head_dim in (16, 32, 64, 128):
         # the default dk/dv on Hopper (TMA loads); flash's pointer kernel above runs elsewhere
         kernels.insert(1, ("bwd_dkdv_tma", dkdv_tma._bwd_dkdv_tma_kernel, dkdv_tma.tma_dkdv_config(head_dim, plain),
-                           {**plain, "WARP_SPEC": False}))
+                           plain))
     for name, kernel, cfg, override in kernels:
         tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         consts = {**base, **override, **tiles}

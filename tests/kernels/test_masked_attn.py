@@ -160,15 +160,13 @@ def test_naive_global_equals_plain_when_global_is_same() -> None:
 # ----------------------------------------------------------------------------- Triton vs naive (interpreter)
 @needs_interpreter
 @pytest.mark.parametrize("c", CASES, ids=str)
-@pytest.mark.parametrize("dkdv", ["tma", "tma_warpspec", "pointer"])
+@pytest.mark.parametrize("dkdv", ["tma", "pointer"])
 def test_triton_matches_naive(c: Case, dkdv: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``tma``: dk/dv from the TMA-descriptor kernel (``dkdv_tma.py``, the default on Hopper); ``tma_warpspec``:
-    its experimental warp-specialised form (k/v descriptors made in the kernel; the interpreter runs the code
-    without specialising); ``pointer``: from ``flash._bwd_dkdv_kernel`` (other GPUs, inputs TMA cannot read)."""
+    """``tma``: dk/dv from the TMA-descriptor kernel (``dkdv_tma.py``, the default on Hopper); ``pointer``: from
+    ``flash._bwd_dkdv_kernel`` (other GPUs, inputs TMA cannot read)."""
     if dkdv != "pointer" and c.D not in (16, 32, 64, 128):
         pytest.skip("the TMA dk/dv runs for power-of-two head dims only")
     monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "0" if dkdv == "pointer" else "1")
-    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV_WARPSPEC", "1" if dkdv == "tma_warpspec" else "0")
     _compare(c)
 
 
@@ -232,10 +230,6 @@ def test_tma_dkdv_switch_and_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="bad kernel config"):
         _compare(Case("causal", causal(), Tq=20, Tk=20))
     monkeypatch.delenv("LONGKIT_ATTN_TMA_DKDV_CONFIG")
-    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV_WARPSPEC", "on")
-    with pytest.raises(ValueError, match="WARPSPEC must be 0 or 1"):
-        _compare(Case("causal", causal(), Tq=20, Tk=20))
-    monkeypatch.delenv("LONGKIT_ATTN_TMA_DKDV_WARPSPEC")
     with pytest.raises(ValueError, match="head dim 24"):
         tma_dkdv_enabled(*(torch.randn(1, 2, 9, 24),) * 4)
     monkeypatch.delenv("LONGKIT_ATTN_TMA_DKDV")

@@ -12,20 +12,14 @@ query heads walked in one flat loop). Two differences from the pointer kernel in
 H200, 16k, bf16, same run (``benchmarks/results/attention_sweep_h200_tma_dkdv.json``), with the tiles chosen here:
 dk/dv 1.28-1.37x faster than the pointer kernel at hd 128 and 1.01-1.25x at hd 64, on every mask kind.
 
-The loop is also written so that Triton 3.6's Hopper warp-specialisation pass accepts it
-(``tl.range(..., warp_specialize=True)``, ``WARP_SPEC``): no data-dependent branch in the body, no select on a
-loaded value, every load a descriptor load. The first specialised version hung on the H200: the pass splits the
-k/v loads between its two consumer warpgroups but keeps a host descriptor's full box (found offline in the
-TTGIR). With ``LONGKIT_ATTN_TMA_DKDV_WARPSPEC=1`` the kernel makes its k/v descriptors itself, which the pass
-shrinks correctly; that version is experimental and off by default until it has run on a GPU
-(``benchmarks/ws_probe/hang.py``; ``docs/kernel_notes.md`` has the log).
+Warp specialisation (Triton 3.6's Hopper pass, ``tl.range(..., warp_specialize=True)``) was tried on this kernel
+and removed: the first form hung on an H200, the second (k/v descriptors made in the kernel) finished but gave wrong
+dk/dv (``docs/kernel_notes.md`` has the log).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 import triton
@@ -37,12 +31,11 @@ from .flash import _LOG2E, _interpreting, _kv_block_rows, _parse_cfg, _visible
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local", "BLK_OFF"])
 def _bwd_dkdv_tma_kernel(
-    q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, mq_desc, DK, DV, MK, K, V,
-    s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, mq_rows_per_b, s_mkb, Hq, Hkv, Tq, Tk, q_offset, n_global, n_local,
+    q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, mq_desc, DK, DV, MK, mq_rows_per_b, s_mkb,
+    Hq, Hkv, Tq, Tk, q_offset, n_global, n_local,
     sm_scale_log2, sm_scale, BLK_OFF,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
 ):
     """Program ``(i, b * Hkv + hk)``: dk, dv of kv block ``BLK_OFF + i`` of kv head ``hk``, written to
     ``DK/DV [B, Hkv, Tk, HEAD_DIM]`` (contiguous).
@@ -59,21 +52,8 @@ def _bwd_dkdv_tma_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
-    if WARP_SPEC:
-        # The specialisation pass splits this load between its two consumer warpgroups (BLOCK_N / 2 rows each)
-        # and shrinks the box of a descriptor made here, in the kernel, to match; a host descriptor keeps its
-        # full box, so each copy would deliver twice the bytes its barrier waits for (Triton 3.6: the kernel
-        # hung). Descriptors made in the kernel need Triton's global-scratch allocator (set by the launcher).
-        b64 = b.to(tl.int64)
-        k_in = tl.make_tensor_descriptor(K + b64 * s_kb + hk * s_kh, shape=[Tk, HEAD_DIM], strides=[s_kt, 1],
-                                         block_shape=[BLOCK_N, BLOCK_D])
-        v_in = tl.make_tensor_descriptor(V + b64 * s_vb + hk * s_vh, shape=[Tk, HEAD_DIM], strides=[s_vt, 1],
-                                         block_shape=[BLOCK_N, BLOCK_D])
-        k = k_in.load([start_n, 0])
-        v = v_in.load([start_n, 0])
-    else:
-        k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     _, _, _, m_start, m_end = _kv_block_rows(MK, b.to(tl.int64) * s_mkb, start_n, start_n + BLOCK_N - 1, Tq, Tk,
@@ -82,7 +62,7 @@ def _bwd_dkdv_tma_kernel(
     n_m = m_end - m_start
     n_div = tl.maximum(n_m, 1)  # the pipeliner evaluates iterations it will not run: never divide by 0
     mrow = b * mq_rows_per_b
-    for it in tl.range(0, GROUP * n_m, warp_specialize=WARP_SPEC):
+    for it in tl.range(0, GROUP * n_m):
         if GROUP == 1:
             g = 0
             mb = m_start + it
@@ -111,8 +91,7 @@ def _bwd_dkdv_tma_kernel(
             hhi_r = offs_m0 * 0
         vis = _visible(pos[None, :], offs_n[:, None], lo_r[None, :], hlo_r[None, :], hhi_r[None, :],
                        n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-        # rows past Tq load zeros (TMA pads out-of-bounds reads); masked anyway. (An arithmetic select on a loaded
-        # value, e.g. on lse, makes the warp-specialisation pass fail; on the scores it compiles.)
+        # rows past Tq load zeros (TMA pads out-of-bounds reads); masked anyway
         st = tl.where(vis & (offs_m[None, :] < Tq), st, float("-inf"))
         pt = tl.math.exp2(st - lse[None, :])
         dv = tl.dot(pt.to(do.dtype), do, dv)
@@ -170,10 +149,6 @@ def tma_dkdv_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
         return _parse_cfg(env)
     if _interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    if warp_specialize():
-        # 4 warps = one consumer warpgroup per half of the kv tile (12 warps in all with the producer); the
-        # probe's specialised dk/dv ran these tiles (benchmarks/ws_probe)
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
     if head_dim <= 64:
         return {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2 if flags["HAS_WINDOW"] else 3}
@@ -220,46 +195,9 @@ def launch_tma_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out:
     else:
         mq_d = lse_d  # placeholder, never read
     n_blk = triton.cdiv(Tk, bn) - blk_off
-    warp_spec = warp_specialize()
-    with _scratch_allocator(warp_spec, q.device):
-        return _bwd_dkdv_tma_kernel[(n_blk, B * Hkv)](
-            qd, kd, vd, dod, lse_d, delta_d, mq_d, dk, dv, meta_k, k, v, *k.stride()[:3], *v.stride()[:3],
-            3 if has_mq and meta_q.shape[0] > 1 else 0, s_mkb,
-            Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale, blk_off,
-            GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, HAS_WINDOW=flags["HAS_WINDOW"],
-            HAS_DOCS=flags["HAS_DOCS"], HAS_PREFIX=flags["HAS_PREFIX"], WARP_SPEC=warp_spec, **cfg,
-        )
-
-
-def warp_specialize() -> bool:
-    """``LONGKIT_ATTN_TMA_DKDV_WARPSPEC=1``: run the query loop under Triton's Hopper warp specialisation (one
-    producer, two consumer warpgroups). **Experimental, off by default**: the first version hung on an H200;
-    this one makes the split k/v loads' descriptors in the kernel (see the kernel), which the compiler then
-    shrinks correctly (checked offline in the TTGIR), but it has not run on a GPU yet."""
-    env = os.environ.get("LONGKIT_ATTN_TMA_DKDV_WARPSPEC", "0")
-    if env not in ("0", "1"):
-        raise ValueError(f"LONGKIT_ATTN_TMA_DKDV_WARPSPEC must be 0 or 1, got {env!r}")
-    return env == "1"
-
-
-@contextlib.contextmanager
-def _scratch_allocator(needed: bool, device: torch.device) -> Iterator[None]:
-    """Triton's global-scratch allocator (descriptors made inside a kernel need 128 bytes per descriptor and
-    program) for one launch, from torch's caching allocator, unless the caller already set one."""
-    if not needed:
-        yield
-        return
-    from triton.runtime import _allocation
-
-    var = getattr(_allocation, "_allocator", None)
-    if var is None or not hasattr(_allocation, "NullAllocator"):
-        raise RuntimeError("LONGKIT_ATTN_TMA_DKDV_WARPSPEC=1 needs triton.runtime._allocation._allocator "
-                           f"(Triton 3.6); this Triton is {triton.__version__}")
-    if not isinstance(var.get(), _allocation.NullAllocator):
-        yield
-        return
-    token = var.set(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
-    try:
-        yield
-    finally:
-        var.reset(token)
+    return _bwd_dkdv_tma_kernel[(n_blk, B * Hkv)](
+        qd, kd, vd, dod, lse_d, delta_d, mq_d, dk, dv, meta_k, 3 if has_mq and meta_q.shape[0] > 1 else 0, s_mkb,
+        Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale, blk_off,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, HAS_WINDOW=flags["HAS_WINDOW"],
+        HAS_DOCS=flags["HAS_DOCS"], HAS_PREFIX=flags["HAS_PREFIX"], **cfg,
+    )
