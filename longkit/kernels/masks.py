@@ -31,6 +31,17 @@ import torch
 __all__ = ["AttentionMask", "causal", "sink_window", "documents", "shared_prefix"]
 
 
+def tensor_version(t: torch.Tensor | None) -> int | None:
+    """``t``'s in-place modification counter (-1 for no tensor), or None where torch keeps none (inference
+    tensors): callers that memoise on it must then not memoise."""
+    if t is None:
+        return -1
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
 @dataclass(frozen=True)
 class AttentionMask:
     """Visibility rule between queries and keys (see module docstring for the exact semantics).
@@ -111,17 +122,17 @@ class AttentionMask:
                 f"queries end at position q_offset + Tq = {self.q_offset} + {tq} > Tk = {tk}; "
                 "queries must be the last tokens of the keys (use q_offset = Tk - Tq)"
             )
+        if self.cu_seqlens is None and self.prefix_segments is None:
+            return
+        first, last, increasing, segs_ok = self._tensor_facts()
         if self.cu_seqlens is not None:
             if batch != 1:
                 raise ValueError(f"batch size must be 1 with cu_seqlens (packed documents), got {batch}")
             if tq != tk or self.q_offset != 0:
                 raise ValueError("documents(cu_seqlens) needs Tq == Tk and q_offset == 0 (packed prefill)")
-            if int(self.cu_seqlens[0]) != 0 or int(self.cu_seqlens[-1]) != tk:
-                raise ValueError(
-                    f"cu_seqlens must start at 0 and end at Tk={tk}, got "
-                    f"[{int(self.cu_seqlens[0])} .. {int(self.cu_seqlens[-1])}]"
-                )
-            if bool((self.cu_seqlens[1:] < self.cu_seqlens[:-1]).any()):
+            if first != 0 or last != tk:
+                raise ValueError(f"cu_seqlens must start at 0 and end at Tk={tk}, got [{first} .. {last}]")
+            if not increasing:
                 raise ValueError("cu_seqlens must be non-decreasing")
         if self.prefix_segments is not None:
             rows = self.cu_seqlens.numel() - 1 if self.cu_seqlens is not None else batch
@@ -131,9 +142,32 @@ class AttentionMask:
                     f"shared-prefix segments must have one (chosen_start, rejected_start) per {what}: "
                     f"expected {rows}, got {self.prefix_segments.shape[0]}"
                 )
-            c, r = self.prefix_segments[:, 0], self.prefix_segments[:, 1]
-            if bool((c < 0).any()) or bool((r < c).any()):
+            if not segs_ok:
                 raise ValueError("shared-prefix segments need 0 <= chosen_start <= rejected_start")
+
+    def _tensor_facts(self) -> tuple[int, int, bool, bool]:
+        """(cu_seqlens[0], cu_seqlens[-1], cu_seqlens non-decreasing, segments valid), read from the tensors once
+        per mask and again only after one of them was modified in place (its ``_version`` changed).
+
+        Reading a CUDA tensor's values syncs the host with the GPU; done on every call (every layer, forward and
+        backward), the GPU would idle while the host validates and launches the next kernel. Inference tensors
+        have no version counter: those are re-read on every call."""
+        cu, seg = self.cu_seqlens, self.prefix_segments
+        versions = (tensor_version(cu), tensor_version(seg))
+        memo = self.__dict__.get("_facts")
+        if memo is not None and memo[0] == versions and None not in versions:
+            return memo[1]
+        dev = cu.device if cu is not None else seg.device
+        one = torch.ones((), dtype=torch.int64, device=dev)
+        if cu is not None:
+            first, last, increasing = cu[0].long(), cu[-1].long(), (cu[1:] >= cu[:-1]).all().long()
+        else:
+            first, last, increasing = one, one, one
+        segs_ok = ((seg[:, 0] >= 0) & (seg[:, 1] >= seg[:, 0])).all().long().to(dev) if seg is not None else one
+        first, last, increasing, segs_ok = torch.stack([first, last, increasing, segs_ok]).tolist()  # one sync
+        facts = (first, last, bool(increasing), bool(segs_ok))
+        object.__setattr__(self, "_facts", (versions, facts))  # frozen dataclass: a private memo, not a field
+        return facts
 
     # ------------------------------------------------------------------ dense form (references, tests)
     def dense(self, batch: int, tq: int, tk: int, device: torch.device | str = "cpu") -> torch.Tensor:

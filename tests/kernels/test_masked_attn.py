@@ -358,6 +358,68 @@ def test_validation_messages_quote_values() -> None:
         masked_attention(q, k.double(), k, mask=causal())
 
 
+def test_mask_values_rechecked_after_in_place_change() -> None:
+    """The tensor checks (a host sync on CUDA) run once per mask and again after an in-place change; under
+    inference mode (no version counter) on every call."""
+    cu = torch.tensor([0, 4, 8])
+    m = documents(cu) & shared_prefix(torch.tensor([[1, 2], [0, 3]]))
+    m.check(1, 8, 8)
+    m.check(1, 8, 8)
+    cu[1] = 9  # not non-decreasing any more
+    with pytest.raises(ValueError, match="non-decreasing"):
+        m.check(1, 8, 8)
+    cu[1] = 4
+    m.check(1, 8, 8)
+    m.prefix_segments[1, 1] = -1
+    with pytest.raises(ValueError, match="chosen_start <= rejected_start"):
+        m.check(1, 8, 8)
+    with torch.inference_mode():
+        cu_inf = torch.tensor([0, 4, 8])
+        mi = documents(cu_inf)
+        mi.check(1, 8, 8)
+        with pytest.raises(ValueError, match="end at Tk=9"):
+            mi.check(1, 9, 9)
+        cu_inf[2] = 7
+        with pytest.raises(ValueError, match=r"\[0 .. 7\]"):
+            mi.check(1, 8, 8)
+
+
+def test_mask_tables_memoised_per_tensor_and_version() -> None:
+    """``flash.mask_tables`` returns the same tables for the same mask tensors, rebuilds them after an in-place
+    change or for another tensor with equal values, and stays bounded."""
+    pytest.importorskip("triton")
+    from longkit.kernels.masked_attn import flash
+
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    seg = torch.tensor([[1, 2], [2, 4]], dtype=torch.int32)
+    a = flash.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))
+    assert flash.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))[0] is a[0]
+    cu[1] = 5
+    b = flash.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))
+    assert b[0] is not a[0]
+    for x, y in zip(b, flash.build_mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    other = cu.clone()
+    assert flash.mask_tables(1, 10, 10, 0, other, seg, torch.device("cpu"))[0] is not b[0]
+    for i in range(flash._TABLE_CACHE_SIZE + 3):
+        flash.mask_tables(1, 10 - i % 2, 10, i % 2, torch.tensor([0, 1 + i % 9, 10]), None, torch.device("cpu"))
+    assert len(flash._TABLE_CACHE) <= flash._TABLE_CACHE_SIZE
+
+
+@needs_interpreter
+def test_documents_mask_changed_in_place_between_calls() -> None:
+    """The Triton path after ``cu_seqlens`` changed in place uses the new documents (no stale tables)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    mask = documents(cu)
+    masked_attention(q, k, v, mask=mask, impl="triton")
+    cu[1] = 17
+    got = masked_attention(q, k, v, mask=mask, impl="triton")
+    want, _ = naive_masked_attention(q, k, v, mask=documents(torch.tensor([0, 17, 24])))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_import_does_not_import_triton() -> None:
     code = "import sys, longkit, longkit.kernels; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})

@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
+from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["flash_masked_attention_fwd", "flash_masked_attention_bwd", "build_mask_tables"]
+from longkit.kernels.masks import tensor_version
+
+__all__ = ["flash_masked_attention_fwd", "flash_masked_attention_bwd", "build_mask_tables", "mask_tables"]
 
 _LOG2E = 1.4426950408889634
 
@@ -778,6 +782,40 @@ def _bwd_config(head_dim: int, flags: dict[str, bool]) -> tuple[dict[str, int], 
     return c, c
 
 
+_TABLE_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
+_TABLE_CACHE_SIZE = 8
+
+
+def mask_tables(
+    batch: int, tq: int, tk: int, q_offset: int, cu_seqlens: torch.Tensor | None,
+    segments: torch.Tensor | None, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`build_mask_tables`, memoised on the very ``cu_seqlens`` / ``segments`` tensor objects (weak
+    references, so a freed tensor whose memory is reused never hits) and their in-place modification counters.
+    Every layer of a model, forward and backward, passes the same mask tensors: the tables (about ten small
+    kernels) are then built once. At most ``_TABLE_CACHE_SIZE`` entries; tables of the oldest are dropped."""
+    if cu_seqlens is None and segments is None:
+        return build_mask_tables(batch, tq, tk, q_offset, cu_seqlens, segments, device)
+    versions = (tensor_version(cu_seqlens), tensor_version(segments))
+    key = (batch, tq, tk, q_offset, str(device), id(cu_seqlens), id(segments))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None and None not in versions:
+        refs, cached_versions, tables = hit
+        same = all((r is None and t is None) or (r is not None and r() is t)
+                   for r, t in zip(refs, (cu_seqlens, segments)))
+        if same and cached_versions == versions:
+            _TABLE_CACHE.move_to_end(key)
+            return tables
+    tables = build_mask_tables(batch, tq, tk, q_offset, cu_seqlens, segments, device)
+    if None not in versions:
+        refs = tuple(weakref.ref(t) if t is not None else None for t in (cu_seqlens, segments))
+        _TABLE_CACHE[key] = (refs, versions, tables)
+        _TABLE_CACHE.move_to_end(key)
+        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    return tables
+
+
 def build_mask_tables(
     batch: int, tq: int, tk: int, q_offset: int, cu_seqlens: torch.Tensor | None,
     segments: torch.Tensor | None, device: torch.device,
@@ -965,7 +1003,7 @@ def flash_masked_attention_fwd(
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     if Tq == 0:
         return out, lse
-    meta_q, _ = build_mask_tables(B, Tq, Tk, q_offset, cu_seqlens, segments, q.device)
+    meta_q, _ = mask_tables(B, Tq, Tk, q_offset, cu_seqlens, segments, q.device)
     s_mb = meta_q.stride(0) if meta_q.dim() == 3 and meta_q.shape[0] > 1 else 0
     qg = q_global if q_global is not None else q
     kg = k_global if k_global is not None else k
@@ -1006,7 +1044,7 @@ def flash_masked_attention_bwd(
         dk.zero_()
         dv.zero_()
         return dq, dk, dv, dqg, dkg
-    meta_q, meta_k = build_mask_tables(B, Tq, Tk, q_offset, cu_seqlens, segments, q.device)
+    meta_q, meta_k = mask_tables(B, Tq, Tk, q_offset, cu_seqlens, segments, q.device)
     s_mb = meta_q.stride(0) if meta_q.dim() == 3 and meta_q.shape[0] > 1 else 0
     s_mkb = meta_k.stride(0) if meta_k.dim() == 3 and meta_k.shape[0] > 1 else 0
     block_d = max(16, triton.next_power_of_2(D))
