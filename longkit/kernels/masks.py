@@ -145,6 +145,21 @@ class AttentionMask:
             if not segs_ok:
                 raise ValueError("shared-prefix segments need 0 <= chosen_start <= rejected_start")
 
+    def tensors_on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(cu_seqlens, prefix_segments)`` on ``device``: copied once per device and mask (again after an
+        in-place change of the originals), so that every layer passes the kernels the same tensors (whose
+        tables are then memoised) and a CPU-held mask costs one host-to-device copy, not one per call."""
+        cu, seg = self.cu_seqlens, self.prefix_segments
+        if all(t is None or t.device == device for t in (cu, seg)):
+            return cu, seg
+        key = (str(device), tensor_version(cu), tensor_version(seg))
+        memo = self.__dict__.get("_on_device")
+        if memo is not None and memo[0] == key and None not in key:
+            return memo[1]
+        moved = tuple(t.to(device) if t is not None else None for t in (cu, seg))
+        object.__setattr__(self, "_on_device", (key, moved))  # frozen dataclass: a private memo, not a field
+        return moved
+
     def _tensor_facts(self) -> tuple[int, int, bool, bool]:
         """(cu_seqlens[0], cu_seqlens[-1], cu_seqlens non-decreasing, segments valid), read from the tensors once
         per mask and again only after one of them was modified in place (its ``_version`` changed).

@@ -384,6 +384,20 @@ def test_mask_values_rechecked_after_in_place_change() -> None:
             mi.check(1, 8, 8)
 
 
+def test_mask_tensors_moved_once_per_device() -> None:
+    """A mask held on one device hands the kernels the same copy on another device on every call (so their
+    tables stay memoised), and a fresh copy after its tensors changed in place."""
+    cu = torch.tensor([0, 4, 8])
+    m = documents(cu)
+    assert m.tensors_on(torch.device("cpu"))[0] is cu
+    meta = torch.device("meta")
+    a = m.tensors_on(meta)
+    assert a[0].device == meta and a[1] is None
+    assert m.tensors_on(meta)[0] is a[0]
+    cu[1] = 5
+    assert m.tensors_on(meta)[0] is not a[0]
+
+
 def test_mask_tables_memoised_per_tensor_and_version() -> None:
     """``flash.mask_tables`` returns the same tables for the same mask tensors, rebuilds them after an in-place
     change or for another tensor with equal values, and stays bounded."""

@@ -185,8 +185,7 @@ def masked_attention(
     if which == "naive":
         out, lse = naive_masked_attention(q, k, v, mask=mask, scale=scale, q_global=q_global, k_global=k_global)
     else:
-        cu = mask.cu_seqlens.to(q.device) if mask.cu_seqlens is not None else None
-        seg = mask.prefix_segments.to(q.device) if mask.prefix_segments is not None else None
+        cu, seg = mask.tensors_on(q.device)
         n_local = mask.n_local if mask.n_local is not None else 0
         out, lse = torch.ops.longkit.masked_attention_fwd(
             q, k, v, q_global, k_global, cu, seg, mask.q_offset, mask.n_global, n_local, scale)
