@@ -147,7 +147,9 @@ def masked_attention(
         k: keys ``[B, Hkv, Tk, D]``, ``Hq % Hkv == 0`` (GQA/MQA by index, never repeated), ``D <= 256``.
         v: values ``[B, Hkv, Tk, D]``.
         mask: the visibility rule, e.g. ``causal()``, ``sink_window(4, 4096)``, ``documents(cu_seqlens)``,
-            ``documents(cu) & shared_prefix(segments)``.
+            ``documents(cu) & shared_prefix(segments)``. Reuse one mask object across layers and calls: its
+            tensors' values are checked (a host-GPU sync) and turned into the kernels' tables once per object,
+            and again only if they are modified in place.
         scale: softmax scale; default ``1 / sqrt(D)``.
         q_global: LM-Infinite distance limit: ``[B, Hq, Tq, D]`` queries used for global-branch pairs
             outside the window (key ``j < n_global`` and ``p - j >= n_local``), scored as
