@@ -274,19 +274,15 @@ def precompile(args: argparse.Namespace, workers: int) -> None:
     on-disk caches are warm: compiling is CPU-bound, timing needs the GPU alone, and the machine has many
     cores. One job per (head dim, length, mask), and per config in a sweep."""
     import itertools
-    import os
     import subprocess
     import time
 
     t0 = time.time()
-    common = [sys.executable, __file__, "--warm-only"]
-    env = dict(os.environ)
-    if args.no_flex or args.sweep:
-        common.append("--no-flex")
-    else:
-        # Flex's Inductor compile starts its own worker pool per process: 15 such pools on 16 cores thrashed (an
-        # H200 run timed out before the first row), so each job gets its share of the cores
-        env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    # only longkit's Triton kernels. Flex in parallel jobs was slower than compiling it in the timed process:
+    # 15 jobs with Inductor's own worker pools thrashed 16 cores (an H200 run timed out before the first row),
+    # and 12 jobs with one compile thread each had not finished after 560 s, where the timed process alone
+    # compiles Flex for two masks in 60-250 s (session 7, docs/kernel_notes.md)
+    common = [sys.executable, __file__, "--warm-only", "--no-flex"]
     if args.no_bwd:
         common.append("--no-bwd")
     jobs = []
@@ -306,7 +302,7 @@ def precompile(args: argparse.Namespace, workers: int) -> None:
         while len(running) >= workers:
             running = [p for p in running if p.poll() is None]
             time.sleep(0.2)
-        running.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        running.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for p in running:
         p.wait()
     print(f"precompiled: {len(jobs)} jobs, {workers} workers, {time.time() - t0:.0f} s", flush=True)
