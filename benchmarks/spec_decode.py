@@ -167,7 +167,7 @@ def worker(job_path: str, out_path: str) -> None:
     init_s = time.perf_counter() - t0
     # Warm-up outside the timed region (first-call allocations, thread pools).
     llm.generate(
-        [TokensPrompt(prompt_token_ids=job["workloads"]["chat"][0])],
+        [TokensPrompt(prompt_token_ids=job["workloads"].get("chat", next(iter(job["workloads"].values())))[0])],
         SamplingParams(temperature=0.0, max_tokens=8),
         use_tqdm=False,
     )
@@ -279,6 +279,9 @@ def main() -> None:
     p.add_argument("--name", default="spec_decode_cpu", help="results/<name>.json")
     p.add_argument("--repeats", type=int, default=1, help="run every method this many times (median tok/s)")
     p.add_argument("--workdir", default=None, help="keep per-method jobs, logs and output tokens here")
+    p.add_argument("--workloads", default=None,
+                   help="comma-separated subset of code_edit,reasked,refine,variation,chat (default: all, in that "
+                        "order; a subset also changes what the drafter's global cache has seen before)")
     p.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -292,6 +295,12 @@ def main() -> None:
     model = args.model or str(longkit.models.default_model_dir())
     tok = AutoTokenizer.from_pretrained(model)
     workloads = build_workloads(tok, args.n_code, args.n_chat)
+    if args.workloads:
+        wanted = args.workloads.split(",")
+        unknown = [w for w in wanted if w not in workloads]
+        if unknown:
+            raise SystemExit(f"unknown workload(s) {unknown}; choose from {list(workloads)}")
+        workloads = {w: workloads[w] for w in wanted}
     max_tokens = {w: args.max_tokens if w != "chat" else args.max_tokens * 3 // 4 for w in workloads}
     job = {
         "model": model,
