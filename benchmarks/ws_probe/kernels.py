@@ -39,13 +39,13 @@ def ws_fwd(
 
 
 @triton.jit
-def _dkdv_causal(
-    q_desc,
-    k_desc,
-    v_desc,
-    do_desc,
-    lse_desc,
-    delta_desc,
+def ws_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
     DK,
     DV,
     T,
@@ -56,8 +56,16 @@ def _dkdv_causal(
     BLOCK_N: tl.constexpr,
     WS: tl.constexpr,
 ):
-    """Causal dk, dv of kv block ``program_id(0)`` of row ``program_id(1)`` from ``[rows, D]`` / ``[rows]``
-    descriptors (however they were made)."""
+    """Causal dk, dv of kv block ``program_id(0)`` of row ``program_id(1)`` (LSE in natural log; DELTA =
+    rowsum(dO * O)), every load through a descriptor made here. (A host-descriptor variant, which hung when
+    specialised, was removed with ``hang.py``: commit b91b4c2 has both.)"""
+    n_rows = tl.num_programs(1) * T
+    q_desc = tl.make_tensor_descriptor(Q, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+    do_desc = tl.make_tensor_descriptor(DO, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+    lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_rows], strides=[1], block_shape=[BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_rows], strides=[1], block_shape=[BLOCK_M])
+    k_desc = tl.make_tensor_descriptor(K, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, D])
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     row0 = bh * T
@@ -85,37 +93,6 @@ def _dkdv_causal(
         dk = tl.dot(dst.to(q.dtype), q, dk)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty))
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
-
-
-@triton.jit
-def ws_dkdv(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    T,
-    qk_scale,
-    sm_scale,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    WS: tl.constexpr,
-):
-    """Causal dk, dv of one kv block (LSE in natural log; DELTA = rowsum(dO * O)), descriptors made here."""
-    n_rows = tl.num_programs(1) * T
-    q_desc = tl.make_tensor_descriptor(Q, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_M, D])
-    do_desc = tl.make_tensor_descriptor(DO, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_M, D])
-    lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_rows], strides=[1], block_shape=[BLOCK_M])
-    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_rows], strides=[1], block_shape=[BLOCK_M])
-    k_desc = tl.make_tensor_descriptor(K, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, D])
-    v_desc = tl.make_tensor_descriptor(V, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, D])
-    _dkdv_causal(
-        q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, DK, DV, T, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, WS
-    )
 
 
 @triton.jit
@@ -164,28 +141,3 @@ def ws_dq(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
     dout.store([row0 + start_m, 0], (dq * sm_scale).to(DQ.dtype.element_ty))
-
-
-@triton.jit
-def ws_dkdv_host(
-    q_desc,
-    k_desc,
-    v_desc,
-    do_desc,
-    lse_desc,
-    delta_desc,
-    DK,
-    DV,
-    T,
-    qk_scale,
-    sm_scale,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    WS: tl.constexpr,
-):
-    """:func:`ws_dkdv` with host-side tensor descriptors (``[rows, D]`` and flat ``[rows]``), as longkit's TMA
-    dk/dv takes them: does the way descriptors are made decide whether the specialised kernel runs?"""
-    _dkdv_causal(
-        q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, DK, DV, T, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, WS
-    )
