@@ -120,6 +120,8 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
     for name, kernel, cfg, override in kernels:
         tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         consts = {**base, **override, **tiles}
+        if name in ("fwd", "bwd_dq"):  # one kv loop or three, as the launcher picks (LONGKIT_ATTN_MERGED_LOOPS)
+            consts["MERGED"] = flash._merged_loops("fwd" if name == "fwd" else "dq", head_dim, flags)
         if name == "bwd_dq" and group != 1:
             del consts["GROUP"]  # a run-time argument there
         descs = _tma_descs(cfg, base["BLOCK_D"], "bf16", flags) if name == "bwd_dkdv_tma" else None

@@ -170,6 +170,17 @@ def test_triton_matches_naive(c: Case, dkdv: str, monkeypatch: pytest.MonkeyPatc
     _compare(c)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("c", CASES, ids=str)
+@pytest.mark.parametrize("loops", ["fwd,dq", "none"])
+def test_triton_one_or_three_kv_loops(c: Case, loops: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward and dq kernels walk a query block's kv blocks either in one loop (masked blocks by a run-time
+    branch) or in three (masked head, unmasked middle, masked diagonal); the launcher picks per case, so force
+    each way on every mask kind."""
+    monkeypatch.setenv("LONGKIT_ATTN_MERGED_LOOPS", loops)
+    _compare(c)
+
+
 GQA_CASES = [c for c in CASES if c.Hq > c.Hkv]
 
 
@@ -518,6 +529,18 @@ def test_gpu_dkdv_odd_length_hf_layout(name: str, make, D: int, dkdv: str,  # no
     back as zeros from the hardware) on HF-layout views."""
     monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "1" if dkdv == "tma" else "0")
     _gpu_vs_reference(name, make, D, 4091, hf_layout=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("loops", ["fwd,dq", "none"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name,make", GPU_CASES, ids=[n for n, _ in GPU_CASES])
+def test_gpu_one_or_three_kv_loops(name: str, make, D: int, loops: str,  # noqa: ANN001
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and dq with their kv blocks in one loop and in three, whichever the launcher would pick."""
+    monkeypatch.setenv("LONGKIT_ATTN_MERGED_LOOPS", loops)
+    _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
 
 
 @pytest.mark.gpu

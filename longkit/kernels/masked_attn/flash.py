@@ -238,12 +238,12 @@ def _split_kv_block(j0, j1, ds0, ds1, de, m_start, m_end, q_offset, n_global, n_
 
 @triton.jit
 def _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_r, hhi_r,
-                p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, start_n, n_global, n_local,
+                p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, start_n, n_global, n_local, masked,
                 BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_PREFIX: tl.constexpr, GLOBAL: tl.constexpr, MODE: tl.constexpr):
     """Unscaled scores ``q . k`` of a query-row tile against kv tile ``kt`` ([D, BLOCK_N]), masked to -inf
-    where invisible (``MODE`` as in :func:`_fwd_inner`), and ``need_g`` (1 when ``GLOBAL`` replaced sink
-    pairs outside the window by ``q_global . k_global``)."""
+    where invisible (``MODE`` as in :func:`_fwd_inner`; MODE 2 masks when the run-time flag ``masked`` is
+    set), and ``need_g`` (1 when ``GLOBAL`` replaced sink pairs outside the window by ``q_global . k_global``)."""
     s = tl.dot(q, kt)
     need_g = 0
     if GLOBAL:
@@ -258,6 +258,16 @@ def _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_
         vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
                        n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
         s = tl.where(vis, s, float("-inf"))
+    elif MODE == 2:
+        need = masked
+        if HAS_PREFIX:
+            full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
+                               n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            need = need | (full == 0)
+        if need:
+            vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+            s = tl.where(vis, s, float("-inf"))
     elif HAS_PREFIX:
         full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
                            n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
@@ -287,13 +297,14 @@ def _q_block(Tq, Hq, GROUP, q_offset, BLOCK_M: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
                lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
-               sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi,
+               sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi, um_lo, um_hi,
                BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                HAS_PREFIX: tl.constexpr, GLOBAL: tl.constexpr, MODE: tl.constexpr):
     """Online-softmax over scheduled kv iterations ``[it_lo, it_hi)``.
 
     ``MODE`` 0: apply the elementwise mask on every block; 1: blocks known fully visible (no mask, except a
-    run-time check for shared-prefix holes). ``GLOBAL``: score sink pairs outside the window with q_global.
+    run-time check for shared-prefix holes); 2: one loop for both, the mask applied (a uniform branch) on
+    iterations outside ``[um_lo, um_hi)``. ``GLOBAL``: score sink pairs outside the window with q_global.
     """
     for it in range(it_lo, it_hi):
         start_n = _sched_block(it, start, ga0, gal, gb0, gbl) * BLOCK_N
@@ -306,9 +317,10 @@ def _fwd_inner(acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt,
         # raw scores; the scale is applied once, inside exp2's argument (one FMA per score), m_i is scaled
         s, need_g = _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_r, hhi_r,
                                 p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, start_n, n_global, n_local,
-                                BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, GLOBAL, MODE)
+                                (it < um_lo) | (it >= um_hi), BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, GLOBAL,
+                                MODE)
         m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)  # scale > 0, so max commutes with it
-        if MODE == 0 or HAS_PREFIX:
+        if MODE != 1 or HAS_PREFIX:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_safe = m_new
@@ -329,7 +341,7 @@ def _fwd_kernel(
     Hq, GROUP, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr, MERGED: tl.constexpr,
 ):
     b, h, hk, start_m, offs_m, row_ok, last, p0, p1, pos = _q_block(Tq, Hq, GROUP, q_offset, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -360,14 +372,30 @@ def _fwd_kernel(
         BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
     n_iter, n_head, n_tail = _split_q_block(p0, p1, lo1, start, end, ga0, gal, gb0, gbl, n_local,
                                             BLOCK_N, HAS_WINDOW, HAS_DOCS, FAST_PATH)
-    # three loops: masked head blocks (with the q_global variant), unmasked middle, masked diagonal
-    bounds = (0, n_head, n_tail, n_iter)
-    for seg in tl.static_range(3):
+    if MERGED:
+        # one software-pipelined loop, masked head/diagonal blocks by a uniform branch: each loop pays its own
+        # pipeline fill, which short kv runs (4k causal, documents) cannot hide; the q_global head loop stays apart
+        first = 0
+        if USE_GLOBAL:
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
+                lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+                start, ga0, gal, gb0, gbl, 0, n_head, 0, 0, BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, True, 0)
+            first = n_head
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
             lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
-            start, ga0, gal, gb0, gbl, bounds[seg], bounds[seg + 1],
-            BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL and seg == 0, 1 if seg == 1 else 0)
+            start, ga0, gal, gb0, gbl, first, n_iter, n_head, n_tail,
+            BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 2)
+    else:
+        # three loops: masked head blocks (with the q_global variant), unmasked middle, masked diagonal
+        bounds = (0, n_head, n_tail, n_iter)
+        for seg in tl.static_range(3):
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, qg, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok, pos,
+                lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local, sm_scale_log2,
+                start, ga0, gal, gb0, gbl, bounds[seg], bounds[seg + 1], 0, 0,
+                BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL and seg == 0, 1 if seg == 1 else 0)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -403,7 +431,7 @@ def _bwd_preprocess_kernel(Out, DO, DLSE, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s
 @triton.jit
 def _dq_inner(dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
               pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
-              sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi,
+              sm_scale_log2, start, ga0, gal, gb0, gbl, it_lo, it_hi, um_lo, um_hi,
               BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_PREFIX: tl.constexpr, GLOBAL: tl.constexpr, MODE: tl.constexpr):
     """dq (and dq_global) over scheduled kv iterations ``[it_lo, it_hi)``; ``MODE``/``GLOBAL`` as in
@@ -418,7 +446,8 @@ def _dq_inner(dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_v
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s, need_g = _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_r, hhi_r,
                                 p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, start_n, n_global, n_local,
-                                BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, GLOBAL, MODE)
+                                (it < um_lo) | (it >= um_hi), BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, GLOBAL,
+                                MODE)
         p = tl.math.exp2(s * sm_scale_log2 - lse[:, None])
         dp = tl.dot(do, vt)
         ds = p * (dp - delta[:, None])
@@ -442,7 +471,7 @@ def _bwd_dq_kernel(
     Hq, GROUP, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr,
+    USE_GLOBAL: tl.constexpr, FAST_PATH: tl.constexpr, MERGED: tl.constexpr,
 ):
     """dq (and dq_global), same layout as q; DQ/DQG are contiguous [B, Hq, Tq, D]."""
     b, h, hk, start_m, offs_m, row_ok, last, p0, p1, pos = _q_block(Tq, Hq, GROUP, q_offset, BLOCK_M)
@@ -484,13 +513,28 @@ def _bwd_dq_kernel(
                                             BLOCK_N, HAS_WINDOW, HAS_DOCS, FAST_PATH)
     # the forward's three loops: only the head loop carries the q_global branch and the mask arithmetic
     # of the sink/window/document edges; the middle loop has none (stays software-pipelined)
-    bounds = (0, n_head, n_tail, n_iter)
-    for seg in tl.static_range(3):
+    if MERGED:  # as in the forward: one pipelined loop after the q_global head loop
+        first = 0
+        if USE_GLOBAL:
+            dq, dqg = _dq_inner(
+                dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
+                pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
+                sm_scale_log2, start, ga0, gal, gb0, gbl, 0, n_head, 0, 0,
+                BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, True, 0)
+            first = n_head
         dq, dqg = _dq_inner(
             dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
             pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
-            sm_scale_log2, start, ga0, gal, gb0, gbl, bounds[seg], bounds[seg + 1],
-            BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL and seg == 0, 1 if seg == 1 else 0)
+            sm_scale_log2, start, ga0, gal, gb0, gbl, first, n_iter, n_head, n_tail,
+            BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, False, 2)
+    else:
+        bounds = (0, n_head, n_tail, n_iter)
+        for seg in tl.static_range(3):
+            dq, dqg = _dq_inner(
+                dq, dqg, q, qg, do, lse, delta, k_base, v_base, kg_base, s_kt, s_vt, s_kgt, offs_n0, offs_d, d_ok,
+                pos, lo_r, hlo_r, hhi_r, p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, Tk, n_global, n_local,
+                sm_scale_log2, start, ga0, gal, gb0, gbl, bounds[seg], bounds[seg + 1], 0, 0,
+                BLOCK_N, HAS_WINDOW, HAS_DOCS, HAS_PREFIX, USE_GLOBAL and seg == 0, 1 if seg == 1 else 0)
 
     tl.store(DQ + (b * Hq + h) * Tq * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_msk)
@@ -869,6 +913,23 @@ def _fast_path() -> bool:
     return os.environ.get("LONGKIT_ATTN_FAST_PATH", "1") != "0"
 
 
+def _merged_loops(kernel: str, head_dim: int, flags: dict[str, bool]) -> bool:
+    """Whether ``kernel`` ("fwd" / "dq") walks its kv blocks in one loop (masked blocks by a run-time branch)
+    rather than three (masked head, unmasked middle, masked diagonal). Chosen per case from one H200 sweep at
+    4k and 16k (``attention_sweep_h200_merged_*.json``): one loop wins where kv runs are short or registers
+    tight (documents, shared prefix, most of hd 64: 1.01-1.19x) and loses on long causal runs at hd 128
+    (0.93-0.99x). ``LONGKIT_ATTN_MERGED_LOOPS`` ("fwd,dq", "none", ...) overrides (tuning only)."""
+    env = os.environ.get("LONGKIT_ATTN_MERGED_LOOPS")
+    if env is not None:
+        return kernel in env.split(",")
+    if flags["HAS_DOCS"] or flags["HAS_PREFIX"]:
+        return True
+    if kernel == "fwd":
+        # hd 64 forward: every kind but q_global (0.87x); hd 128: only q_global (1.03x)
+        return (head_dim <= 64) != flags["USE_GLOBAL"]
+    return head_dim <= 64 and not (flags["HAS_WINDOW"] or flags["USE_GLOBAL"])
+
+
 # name -> compiled kernel of the latest launch (register and spill counts for benchmarks/attention.py --sweep)
 LAST_LAUNCH: dict[str, object] = {}
 
@@ -1017,7 +1078,7 @@ def flash_masked_attention_fwd(
         kg.stride(0), kg.stride(1), kg.stride(2), out.stride(0), out.stride(1), out.stride(2), s_mb,
         Hq, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        FAST_PATH=_fast_path(), **flags, **cfg,
+        FAST_PATH=_fast_path(), MERGED=_merged_loops("fwd", D, flags), **flags, **cfg,
     )
     return out, lse
 
@@ -1115,7 +1176,8 @@ def flash_masked_attention_bwd(
         q, k, v, qg, kg, grad_out, lse, delta, dq, dqg if dqg is not None else dq, meta_q,
         *common_strides, s_mb,
         Hq, Hq // Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=block_d, FAST_PATH=_fast_path(), **flags, **cfg_q,
+        HEAD_DIM=D, BLOCK_D=block_d, FAST_PATH=_fast_path(), MERGED=_merged_loops("dq", D, flags),
+        **flags, **cfg_q,
     )
     return dq, dk, dv, dqg, dkg
 
