@@ -17,11 +17,31 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def assert_greedy_equal_up_to_near_ties(a, b, prompt_len: int) -> None:  # noqa: ANN001
+    """Two greedy bf16 generations (``return_dict_in_generate``, ``output_scores``) of one model by different
+    kernel paths. On a shared prefix the two runs' logits must agree to bf16 accuracy (2e-2 relative), and a row
+    may only first differ at a step where they differ by at least half the winning margin: a near-tie that this
+    rounding explains. A wrong mask or a stale cache breaks the 2e-2 long before."""
+    sa, sb = a.sequences[:, prompt_len:], b.sequences[:, prompt_len:]
+    for row in range(sa.shape[0]):
+        diff = (sa[row] != sb[row]).nonzero()
+        n_same = diff[0].item() if len(diff) else sa.shape[1]
+        for t in range(min(n_same + 1, sa.shape[1])):  # same prefix up to here: logits agree to bf16 accuracy
+            xa, xb = a.scores[t][row].float(), b.scores[t][row].float()
+            assert _rel(xa, xb) < 2e-2, (row, t, _rel(xa, xb))
+        if n_same < sa.shape[1]:
+            xa, xb = a.scores[n_same][row].float(), b.scores[n_same][row].float()
+            top2 = xa.topk(2).values
+            margin, noise = (top2[0] - top2[1]).item(), (xa - xb).abs().max().item()
+            assert margin <= 2 * noise, f"row {row} differs at step {n_same}: margin {margin:.4f} > 2 x {noise:.4f}"
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_cuda_prefill_and_decode_match_cpu_reference(model_type):
     cfg = LMInfiniteConfig(n_global=4, n_local=64)
     model = tiny_model(model_type, max_position_embeddings=64, hidden_size=256, num_attention_heads=4,
                        num_key_value_heads=2, **({"head_dim": 64} if model_type == "qwen3" else {}))
+    model.generation_config.eos_token_id = None  # both runs generate every step (equal lengths)
     longkit.apply_patches(model, lm_infinite=cfg)
     ids = torch.randint(0, model.config.vocab_size, (2, 300))
     with torch.no_grad():
@@ -30,11 +50,11 @@ def test_cuda_prefill_and_decode_match_cpu_reference(model_type):
         out = gpu(ids.cuda()).logits.float().cpu()
     assert _rel(out, ref) < 2e-2, _rel(out, ref)
     # Bounded-cache generation equals full-cache generation on the GPU too.
-    gen = dict(max_new_tokens=40, do_sample=False)
+    gen = dict(max_new_tokens=40, do_sample=False, output_scores=True, return_dict_in_generate=True)
     a = gpu.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), **gen)
     longkit.apply_patches(gpu, lm_infinite=LMInfiniteConfig(n_global=4, n_local=64, bounded_cache=False))
     b = gpu.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), **gen)
-    assert (a == b).float().mean().item() > 0.95  # bf16: identical up to rare near-ties
+    assert_greedy_equal_up_to_near_ties(a, b, ids.shape[1])
 
 
 def test_cuda_left_padding_uses_reference_path_and_matches_cpu():
@@ -96,7 +116,7 @@ def test_cuda_graph_bf16_uses_maskless_flash_step_and_matches_static():
     graph = _gen(model, ids, mask, LMInfiniteConfig(**kw, decode="cuda_graph"), 48)
     assert torch.equal(graph.sequences, static.sequences)
     ref = _gen(model, ids, mask, LMInfiniteConfig(**kw), 48)
-    assert (graph.sequences == ref.sequences).float().mean().item() > 0.95  # bf16: rare near-ties may differ
+    assert_greedy_equal_up_to_near_ties(graph, ref, ids.shape[1])
     cache = graph.past_key_values
     assert isinstance(cache, LMInfiniteStaticCache) and cache.graph_phase() == "full"
     nxt = graph.sequences[:, -1:]
