@@ -170,6 +170,9 @@ def _load_module(path: str):  # noqa: ANN202
 
     spec = importlib.util.spec_from_file_location(f"longkit_flash_ref_{abs(hash(path))}", path)
     mod = importlib.util.module_from_spec(spec)
+    # its relative imports (the TMA dk/dv launcher) resolve in the installed package; without this they fail and
+    # the old file silently falls back to the pointer dk/dv, so its backward is not the one it shipped with
+    mod.__package__ = "longkit.kernels.masked_attn"
     spec.loader.exec_module(mod)
     return mod
 
