@@ -518,29 +518,23 @@ def test_gpu_bf16_vs_reference(name: str, make, D: int) -> None:  # noqa: ANN001
     _gpu_vs_reference(name, make, D, 4096, hf_layout=False)
 
 
+GPU_VARIANTS = {"dkdv_tma": ("LONGKIT_ATTN_TMA_DKDV", "1"), "dkdv_pointer": ("LONGKIT_ATTN_TMA_DKDV", "0"),
+                "one_kv_loop": ("LONGKIT_ATTN_MERGED_LOOPS", "fwd,dq"),
+                "three_kv_loops": ("LONGKIT_ATTN_MERGED_LOOPS", "none")}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dkdv", ["tma", "pointer"])
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("name,make", GPU_CASES, ids=[n for n, _ in GPU_CASES])
-def test_gpu_dkdv_odd_length_hf_layout(name: str, make, D: int, dkdv: str,  # noqa: ANN001
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both dk/dv kernels at a length that is no multiple of any tile (the TMA kernel's out-of-bounds rows come
-    back as zeros from the hardware) on HF-layout views."""
-    monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "1" if dkdv == "tma" else "0")
+def test_gpu_variants_odd_length_hf_layout(name: str, make, D: int, variant: str,  # noqa: ANN001
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each kernel variant at a length that is no multiple of any tile, on HF-layout views: both dk/dv kernels
+    (the TMA kernel's out-of-bounds rows come back as zeros from the hardware), and the forward / dq walking their
+    kv blocks in one loop and in three (the launcher picks per case)."""
+    monkeypatch.setenv(*GPU_VARIANTS[variant])
     _gpu_vs_reference(name, make, D, 4091, hf_layout=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("loops", ["fwd,dq", "none"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("name,make", GPU_CASES, ids=[n for n, _ in GPU_CASES])
-def test_gpu_one_or_three_kv_loops(name: str, make, D: int, loops: str,  # noqa: ANN001
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forward and dq with their kv blocks in one loop and in three, whichever the launcher would pick."""
-    monkeypatch.setenv("LONGKIT_ATTN_MERGED_LOOPS", loops)
-    _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
 
 
 @pytest.mark.gpu
