@@ -172,12 +172,18 @@ def test_triton_matches_naive(c: Case, dkdv: str, monkeypatch: pytest.MonkeyPatc
 
 @needs_interpreter
 @pytest.mark.parametrize("c", CASES, ids=str)
-@pytest.mark.parametrize("loops", ["fwd,dq", "none"])
-def test_triton_one_or_three_kv_loops(c: Case, loops: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_other_kv_loop_structure(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     """The forward and dq kernels walk a query block's kv blocks either in one loop (masked blocks by a run-time
-    branch) or in three (masked head, unmasked middle, masked diagonal); the launcher picks per case, so force
-    each way on every mask kind."""
-    monkeypatch.setenv("LONGKIT_ATTN_MERGED_LOOPS", loops)
+    branch) or in three (masked head, unmasked middle, masked diagonal), picked per case by the launcher.
+    ``test_triton_matches_naive`` runs the picked structure; this forces the other one, kernel by kernel."""
+    from longkit.kernels.masked_attn import flash
+
+    m = c.mask
+    flags = flash._flags(m.n_local or 0, m.cu_seqlens, m.prefix_segments, True if c.use_global else None)
+    other = [kernel for kernel in ("fwd", "dq") if not flash._merged_loops(kernel, c.D, flags)]
+    monkeypatch.setenv("LONGKIT_ATTN_MERGED_LOOPS", ",".join(other) or "none")
+    for kernel in ("fwd", "dq"):  # the override really flips both kernels
+        assert flash._merged_loops(kernel, c.D, flags) == (kernel in other)
     _compare(c)
 
 
