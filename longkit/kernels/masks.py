@@ -24,7 +24,9 @@ relative distance is the clamped one. See :func:`longkit.kernels.masked_attentio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -152,13 +154,8 @@ class AttentionMask:
         cu, seg = self.cu_seqlens, self.prefix_segments
         if all(t is None or t.device == device for t in (cu, seg)):
             return cu, seg
-        key = (str(device), tensor_version(cu), tensor_version(seg))
-        memo = self.__dict__.get("_on_device")
-        if memo is not None and memo[0] == key and None not in key:
-            return memo[1]
-        moved = tuple(t.to(device) if t is not None else None for t in (cu, seg))
-        object.__setattr__(self, "_on_device", (key, moved))  # frozen dataclass: a private memo, not a field
-        return moved
+        return self._memo("_on_device", (str(device), tensor_version(cu), tensor_version(seg)),
+                          lambda: tuple(t.to(device) if t is not None else None for t in (cu, seg)))
 
     def _tensor_facts(self) -> tuple[int, int, bool, bool]:
         """(cu_seqlens[0], cu_seqlens[-1], cu_seqlens non-decreasing, segments valid), read from the tensors once
@@ -168,10 +165,10 @@ class AttentionMask:
         backward), the GPU would idle while the host validates and launches the next kernel. Inference tensors
         have no version counter: those are re-read on every call."""
         cu, seg = self.cu_seqlens, self.prefix_segments
-        versions = (tensor_version(cu), tensor_version(seg))
-        memo = self.__dict__.get("_facts")
-        if memo is not None and memo[0] == versions and None not in versions:
-            return memo[1]
+        return self._memo("_facts", (tensor_version(cu), tensor_version(seg)), self._read_tensor_facts)
+
+    def _read_tensor_facts(self) -> tuple[int, int, bool, bool]:
+        cu, seg = self.cu_seqlens, self.prefix_segments
         dev = cu.device if cu is not None else seg.device
         one = torch.ones((), dtype=torch.int64, device=dev)
         if cu is not None:
@@ -180,9 +177,17 @@ class AttentionMask:
             first, last, increasing = one, one, one
         segs_ok = ((seg[:, 0] >= 0) & (seg[:, 1] >= seg[:, 0])).all().long().to(dev) if seg is not None else one
         first, last, increasing, segs_ok = torch.stack([first, last, increasing, segs_ok]).tolist()  # one sync
-        facts = (first, last, bool(increasing), bool(segs_ok))
-        object.__setattr__(self, "_facts", (versions, facts))  # frozen dataclass: a private memo, not a field
-        return facts
+        return first, last, bool(increasing), bool(segs_ok)
+
+    def _memo(self, name: str, key: tuple, compute: Callable[[], Any]) -> Any:  # noqa: ANN401
+        """``compute()``, kept on this mask under ``name`` while ``key`` (which holds its tensors' version
+        counters) is unchanged. A key holding None (an inference tensor: no version counter) is never reused."""
+        memo = self.__dict__.get(name)
+        if memo is not None and memo[0] == key and None not in key:
+            return memo[1]
+        value = compute()
+        object.__setattr__(self, name, (key, value))  # frozen dataclass: a private memo, not a field
+        return value
 
     # ------------------------------------------------------------------ dense form (references, tests)
     def dense(self, batch: int, tq: int, tk: int, device: torch.device | str = "cpu") -> torch.Tensor:

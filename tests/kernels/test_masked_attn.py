@@ -179,7 +179,7 @@ def test_triton_other_kv_loop_structure(c: Case, monkeypatch: pytest.MonkeyPatch
     from longkit.kernels.masked_attn import flash
 
     m = c.mask
-    flags = flash._flags(m.n_local or 0, m.cu_seqlens, m.prefix_segments, True if c.use_global else None)
+    flags = {**flash._flags(m.n_local or 0, m.cu_seqlens, m.prefix_segments, None), "USE_GLOBAL": c.use_global}
     other = [kernel for kernel in ("fwd", "dq") if not flash._merged_loops(kernel, c.D, flags)]
     monkeypatch.setenv("LONGKIT_ATTN_MERGED_LOOPS", ",".join(other) or "none")
     for kernel in ("fwd", "dq"):  # the override really flips both kernels

@@ -237,6 +237,15 @@ def _split_kv_block(j0, j1, ds0, ds1, de, m_start, m_end, q_offset, n_global, n_
 
 
 @triton.jit
+def _mask_scores(s, pos, offs_n, lo_r, hlo_r, hhi_r, n_global, n_local,
+                 HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """``s`` with the pairs the mask hides set to -inf (rows at positions ``pos``, keys ``offs_n``)."""
+    vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
+                   n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
 def _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_r, hhi_r,
                 p0, p1, lo0, lo1, hlo0, hhi0, hlo1, hhi1, start_n, n_global, n_local, masked,
                 BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
@@ -255,26 +264,16 @@ def _row_scores(q, qg, kt, kg_base, s_kgt, offs_n, offs_d, d_ok, pos, lo_r, hlo_
             is_g = ((pos[:, None] - offs_n[None, :]) >= n_local) & (offs_n[None, :] < n_global)
             s = tl.where(is_g, sg, s)
     if MODE == 0:
-        vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
-                       n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-        s = tl.where(vis, s, float("-inf"))
-    elif MODE == 2:
-        need = masked
-        if HAS_PREFIX:
+        s = _mask_scores(s, pos, offs_n, lo_r, hlo_r, hhi_r, n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
+    elif MODE == 2 or HAS_PREFIX:
+        need = masked if MODE == 2 else False
+        if HAS_PREFIX:  # a block inside the schedule's visible run may still hold a shared-prefix hole
             full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
                                n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
             need = need | (full == 0)
         if need:
-            vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
-                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-            s = tl.where(vis, s, float("-inf"))
-    elif HAS_PREFIX:
-        full = _block_full(p0, p1, start_n, start_n + BLOCK_N - 1, lo0, lo1, hlo0, hhi0, hlo1, hhi1,
-                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-        if full == 0:
-            vis = _visible(pos[:, None], offs_n[None, :], lo_r[:, None], hlo_r[:, None], hhi_r[:, None],
-                           n_global, n_local, HAS_WINDOW, HAS_DOCS, HAS_PREFIX)
-            s = tl.where(vis, s, float("-inf"))
+            s = _mask_scores(s, pos, offs_n, lo_r, hlo_r, hhi_r, n_global, n_local, HAS_WINDOW, HAS_DOCS,
+                             HAS_PREFIX)
     return s, need_g
 
 
