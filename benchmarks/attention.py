@@ -251,13 +251,19 @@ def sweep(args: argparse.Namespace) -> None:
                                do, None, q, k, v, out, lse, qg, kg, *geo), mod)
                     os.environ.pop("LONGKIT_ATTN_BWD_CONFIG", None)
                 for variant in args.env_variants if label == "current" else []:
-                    # backward under other launcher settings, e.g. LONGKIT_ATTN_TMA_DKDV=0 (the pointer dk/dv)
-                    pairs = dict(kv.split("=", 1) for kv in variant.split(";"))
+                    # the backward (or with a "fwd:" prefix the forward) under other launcher settings, e.g.
+                    # LONGKIT_ATTN_TMA_DKDV=0 (the pointer dk/dv), fwd:LONGKIT_ATTN_WS_FWD=0 (the pointer forward)
+                    fwd_variant = variant.startswith("fwd:")
+                    pairs = dict(kv.split("=", 1) for kv in variant.removeprefix("fwd:").split(";"))
                     saved = {k_: os.environ.get(k_) for k_ in pairs}
                     os.environ.update(pairs)
-                    record({**base, "kernel": label, "pass": "bwd", "cfg": variant},
-                           lambda mod=mod, out=out, lse=lse: mod.flash_masked_attention_bwd(
-                               do, None, q, k, v, out, lse, qg, kg, *geo), mod)
+                    if fwd_variant:
+                        record({**base, "kernel": label, "pass": "fwd", "cfg": variant},
+                               lambda mod=mod: mod.flash_masked_attention_fwd(q, k, v, qg, kg, *geo), mod)
+                    else:
+                        record({**base, "kernel": label, "pass": "bwd", "cfg": variant},
+                               lambda mod=mod, out=out, lse=lse: mod.flash_masked_attention_bwd(
+                                   do, None, q, k, v, out, lse, qg, kg, *geo), mod)
                     for k_, v_ in saved.items():
                         if v_ is None:
                             os.environ.pop(k_, None)
@@ -326,7 +332,8 @@ def main() -> None:
     ap.add_argument("--bwd-cfgs", nargs="*", default=None, help="sweep: 'dkdv;dq' backward configs")
     ap.add_argument("--ref-kernel", nargs="*", default=[], help="sweep: older flash.py files timed alongside")
     ap.add_argument("--env-variants", nargs="*", default=[],
-                    help="sweep: extra backward rows under 'NAME=VALUE[;NAME=VALUE]' environment settings")
+                    help="sweep: extra backward rows under 'NAME=VALUE[;NAME=VALUE]' environment settings; "
+                         "'fwd:NAME=VALUE' times the forward instead")
     ap.add_argument("--precompile-workers", type=int, default=0,
                     help="compile longkit's kernels first in this many parallel processes (warms Triton's disk cache)")
     ap.add_argument("--compile-cache", type=Path, default=None,

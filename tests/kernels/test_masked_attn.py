@@ -187,6 +187,45 @@ def test_triton_other_kv_loop_structure(c: Case, monkeypatch: pytest.MonkeyPatch
     _compare(c)
 
 
+WS_FWD_CASES = [c for c in CASES if c.name.startswith("causal") and c.D in (16, 32, 64, 128)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("c", WS_FWD_CASES, ids=str)
+def test_triton_ws_causal_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warp-specialised causal forward (``fwd_ws.py``, the Hopper default for plain causal masks), forced on;
+    the backward then uses its lse and output."""
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
+    _compare(c)
+
+
+@needs_interpreter
+def test_ws_forward_switch() -> None:
+    """``LONGKIT_ATTN_WS_FWD``: 0/1 only; ``=1`` with a mask or inputs the kernel cannot take is a clear error;
+    unset, it stays off under the interpreter (the pointer forward is the one the other tests check)."""
+    from longkit.kernels.masked_attn.flash import _flags
+    from longkit.kernels.masked_attn.fwd_ws import ws_fwd_enabled
+
+    x = torch.randn(1, 2, 9, 16)
+    plain = _flags(0, None, None, None)
+    mp = pytest.MonkeyPatch()
+    try:
+        assert not ws_fwd_enabled(x, x, x, plain)
+        mp.setenv("LONGKIT_ATTN_WS_FWD", "1")
+        assert ws_fwd_enabled(x, x, x, plain)
+        with pytest.raises(ValueError, match="not plain causal"):
+            ws_fwd_enabled(x, x, x, _flags(8, None, None, None))
+        with pytest.raises(ValueError, match="head dim 24"):
+            ws_fwd_enabled(*(torch.randn(1, 2, 9, 24),) * 3, plain)
+        with pytest.raises(ValueError, match="contiguous"):
+            ws_fwd_enabled(x.transpose(1, 2).contiguous().transpose(1, 2), x, x, plain)
+        mp.setenv("LONGKIT_ATTN_WS_FWD", "yes")
+        with pytest.raises(ValueError, match="must be 0 or 1"):
+            ws_fwd_enabled(x, x, x, plain)
+    finally:
+        mp.undo()
+
+
 GQA_CASES = [c for c in CASES if c.Hq > c.Hkv]
 
 
@@ -526,7 +565,8 @@ def test_gpu_bf16_vs_reference(name: str, make, D: int) -> None:  # noqa: ANN001
 
 GPU_VARIANTS = {"dkdv_tma": ("LONGKIT_ATTN_TMA_DKDV", "1"), "dkdv_pointer": ("LONGKIT_ATTN_TMA_DKDV", "0"),
                 "one_kv_loop": ("LONGKIT_ATTN_MERGED_LOOPS", "fwd,dq"),
-                "three_kv_loops": ("LONGKIT_ATTN_MERGED_LOOPS", "none")}
+                "three_kv_loops": ("LONGKIT_ATTN_MERGED_LOOPS", "none"),
+                "pointer_fwd": ("LONGKIT_ATTN_WS_FWD", "0")}
 
 
 @pytest.mark.gpu
@@ -541,6 +581,17 @@ def test_gpu_variants_odd_length_hf_layout(name: str, make, D: int, variant: str
     kv blocks in one loop and in three (the launcher picks per case)."""
     monkeypatch.setenv(*GPU_VARIANTS[variant])
     _gpu_vs_reference(name, make, D, 4091, hf_layout=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name,make", GPU_CASES[:2], ids=[n for n, _ in GPU_CASES[:2]])
+def test_gpu_ws_forward_odd_length(name: str, make, D: int, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The warp-specialised causal forward forced on (the default at hd 128 on Hopper) at a length that is no
+    multiple of its tile, GQA 2:1: its flattened 2-D descriptors read the next head's rows past a head's end."""
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
+    _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
 
 
 @pytest.mark.gpu
