@@ -199,6 +199,43 @@ def test_triton_ws_causal_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> N
     _compare(c)
 
 
+WS_DKDV_CASES = [c for c in CASES if c.mask.prefix_segments is None and c.D in (16, 32, 64, 128)
+                 and not (c.mask.cu_seqlens is not None and c.mask.n_local)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("c", WS_DKDV_CASES, ids=str)
+def test_triton_ws_dkdv(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warp-specialised TMA dk/dv (flattened 2-D descriptors made in the kernel, ``[1, BLOCK_M]`` row tables),
+    forced on, for every mask kind it takes."""
+    monkeypatch.setenv("LONGKIT_ATTN_WS_DKDV", "1")
+    _compare(c)
+
+
+@needs_interpreter
+def test_ws_dkdv_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LONGKIT_ATTN_WS_DKDV``: 0/1 only; off by default under the interpreter; ``=1`` on a mask the pass cannot
+    compile (shared prefix, documents with a window) or on non-contiguous inputs is a clear error."""
+    from longkit.kernels.masked_attn.dkdv_tma import ws_dkdv_enabled
+    from longkit.kernels.masked_attn.flash import _flags
+
+    x = torch.randn(1, 2, 12, 16)
+    plain = _flags(0, None, None, None)
+    assert not ws_dkdv_enabled(x, x, x, x, plain)
+    monkeypatch.setenv("LONGKIT_ATTN_WS_DKDV", "1")
+    assert ws_dkdv_enabled(x, x, x, x, plain)
+    cu, seg = torch.tensor([0, 12]), torch.tensor([[2, 5]])
+    for flags in (_flags(0, None, seg, None), _flags(4, cu, None, None)):
+        with pytest.raises(ValueError, match="shared prefix, or documents with a window"):
+            ws_dkdv_enabled(x, x, x, x, flags)
+    assert ws_dkdv_enabled(x, x, x, x, _flags(4, None, None, None))
+    with pytest.raises(ValueError, match="contiguous"):
+        ws_dkdv_enabled(x, x, x, x.transpose(1, 2).contiguous().transpose(1, 2), plain)
+    monkeypatch.setenv("LONGKIT_ATTN_WS_DKDV", "on")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        ws_dkdv_enabled(x, x, x, x, plain)
+
+
 @needs_interpreter
 def test_ws_forward_switch() -> None:
     """``LONGKIT_ATTN_WS_FWD``: 0/1 only; ``=1`` with a mask or inputs the kernel cannot take is a clear error;
@@ -591,6 +628,17 @@ def test_gpu_ws_forward_odd_length(name: str, make, D: int, monkeypatch: pytest.
     """The warp-specialised causal forward forced on (the default at hd 128 on Hopper) at a length that is no
     multiple of its tile, GQA 2:1: its flattened 2-D descriptors read the next head's rows past a head's end."""
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
+    _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name,make", [c for c in GPU_CASES if c[0] not in ("docs_prefix", "docs_sink")],
+                         ids=[n for n, _ in GPU_CASES if n not in ("docs_prefix", "docs_sink")])
+def test_gpu_ws_dkdv_odd_length(name: str, make, D: int, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The warp-specialised TMA dk/dv forced on at a length that is no multiple of any tile, GQA 2:1."""
+    monkeypatch.setenv("LONGKIT_ATTN_WS_DKDV", "1")
     _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
 
 

@@ -103,41 +103,49 @@ def ws_fwd_config(head_dim: int) -> dict[str, int]:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 
 
-def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool]) -> bool:
-    """Whether the warp-specialised causal forward runs: plain causal / GQA masks, contiguous aligned inputs, head
-    dims 16-128 (powers of two); by default on Hopper at head dim 128 only (at 64 it was 1.15-1.29x slower than
-    the pointer kernel in the same H200 sweep). ``LONGKIT_ATTN_WS_FWD=0`` turns it off; ``=1`` turns it on on
-    any sm_90+ GPU (and under the interpreter) and raises if the GPU, the inputs or the mask cannot use it."""
-    env = os.environ.get("LONGKIT_ATTN_WS_FWD")
+def ws_switch(env_name: str, mask_problem: str | None, tensors: tuple[torch.Tensor, ...], names: str,
+              fallback: str, default_on: bool) -> bool:
+    """The rule both warp-specialised kernels' switches follow. ``env_name`` = ``0``: off; ``1``: on wherever the
+    kernel can run (sm_90+ GPUs and the interpreter), else an error naming ``mask_problem`` or what is wrong with
+    ``tensors`` (``names``); unset: ``default_on`` on a Hopper GPU, off under the interpreter (whose tests force it)."""
+    env = os.environ.get(env_name)
     if env not in (None, "", "0", "1"):
-        raise ValueError(f"LONGKIT_ATTN_WS_FWD must be 0 or 1, got {env!r}")
+        raise ValueError(f"{env_name} must be 0 or 1, got {env!r}")
     if env == "0":
         return False
-    why = None
-    if any(flags.values()):
-        why = "the mask is not plain causal (window, documents, shared prefix or q_global)"
-    elif q.shape[-1] not in (16, 32, 64, 128):
+    q = tensors[0]
+    why = mask_problem
+    if why is None and q.shape[-1] not in (16, 32, 64, 128):
         why = f"head dim {q.shape[-1]} is not one of 16, 32, 64, 128"
-    elif not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
-        why = "q/k/v are not contiguous [B, H, T, D] tensors with 16-byte aligned bases"
-    elif q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+    elif why is None and not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors):
+        why = f"{names} are not contiguous [B, H, T, D] tensors with 16-byte aligned bases"
+    elif why is None and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
         why = "the GPU has no TMA (needs sm_90 or newer)"
     if why is not None:
         if env == "1":
-            raise ValueError(f"LONGKIT_ATTN_WS_FWD=1 but {why}; unset it to use the pointer kernel")
+            raise ValueError(f"{env_name}=1 but {why}; unset it to use {fallback}")
         return False
     if env == "1":
         return True
-    if _interpreting():  # tests force it with the env variable; by default the pointer kernel's path is tested
+    if _interpreting():
         return False
-    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[-1] == 128
+    return default_on and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
+def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool]) -> bool:
+    """Whether the warp-specialised causal forward runs: plain causal / GQA masks, contiguous aligned inputs, head
+    dims 16-128 (powers of two); by default on Hopper at head dim 128 only (at 64 it was 1.15-1.29x slower than
+    the pointer kernel in the same H200 sweep). ``LONGKIT_ATTN_WS_FWD``: see :func:`ws_switch`."""
+    problem = "the mask is not plain causal (window, documents, shared prefix or q_global)" if any(flags.values()) \
+        else None
+    return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", q.shape[-1] == 128)
 
 
 def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     """Descriptors made in a kernel need global scratch from Triton's allocator; install a torch one unless the
     caller has set their own."""
     try:
@@ -156,7 +164,7 @@ def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     Hkv, Tk = k.shape[1], k.shape[2]
     cfg = ws_fwd_config(D)
     if q.is_cuda:
-        _ensure_allocator()
+        ensure_allocator()
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
     return _fwd_ws_kernel[grid](
         q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, scale_log2,
