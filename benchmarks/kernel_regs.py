@@ -5,7 +5,9 @@ reports registers and stack per kernel. The launch is specialised the way Triton
 (pointers and strides divisible by 16, ``GROUP == 1`` folded to a constant), so the numbers match what
 ``launch_stats()`` reports on the device (stack bytes = 4 × Triton's ``n_spills``). Use it to check a kernel
 change for register pressure before spending device time; it says nothing about speed. Triton also reports the
-shared memory each launch needs (``smem``), which must fit the H100/H200's 227 KiB per block.
+shared memory each launch needs (``smem``), which must fit the H100/H200's 227 KiB per block. For the
+warp-specialised kernels (``fwd_ws``, ``bwd_dkdv_ws``) ptxas reports the launch's registers per thread; their
+consumer warpgroups raise theirs at run time with ``setmaxnreg`` (232 in the TTGIR at hd 128).
 
     python benchmarks/kernel_regs.py --hd 128 64 --group 1 4
 """
@@ -24,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from longkit.kernels.masked_attn import dkdv_tma, flash
+from longkit.kernels.masked_attn import dkdv_tma, flash, fwd_ws
 
 MASKS = {
     "causal": {},
@@ -33,8 +35,8 @@ MASKS = {
     "documents": {"HAS_DOCS": True},
     "shared_prefix": {"HAS_PREFIX": True},
 }
-FLOAT_PTRS = {"LSE", "DELTA", "DLSE"}
-INT_PTRS = {"MQ", "MK"}
+FLOAT_PTRS = {"LSE", "DELTA", "DLSE", "LSE2", "DELTA2"}
+INT_PTRS = {"MQ", "MK", "MQ2"}
 
 
 def _tma_descs(cfg: dict, block_d: int, dtype: str, flags: dict) -> dict[str, str]:
@@ -51,7 +53,7 @@ def _signature(kernel: triton.JITFunction, consts: dict, dtype: str,
                descs: dict[str, str] | None = None) -> tuple[dict, dict]:
     names = kernel.arg_names
     descs = descs or {}
-    n_ptrs = next(i for i, n in enumerate(names) if n.startswith(("s_", "mq_rows")))
+    n_ptrs = next(i for i, n in enumerate(names) if n.startswith(("s_", "mq_rows")) or n == "B")
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in consts:
@@ -72,8 +74,8 @@ def _signature(kernel: triton.JITFunction, consts: dict, dtype: str,
 
 def compile_stats(kernel: triton.JITFunction, consts: dict, num_warps: int, num_stages: int,
                   arch: int = 90, dtype: str = "bf16", descs: dict[str, str] | None = None) -> dict[str, int]:
-    """Compile ``kernel`` offline; return ``{"regs", "stack", "spill_stores", "spill_loads"}`` from ptxas and the
-    shared memory the launch needs (``"smem"`` bytes, Triton's figure)."""
+    """Compile ``kernel`` offline; return ``{"regs", "stack", "spill_stores", "spill_loads"}`` from ptxas, the
+    shared memory the launch needs (``"smem"`` bytes, Triton's figure) and whether it was warp-specialised."""
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     sig, attrs = _signature(kernel, consts, dtype, descs)
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
@@ -91,7 +93,9 @@ def compile_stats(kernel: triton.JITFunction, consts: dict, num_warps: int, num_
     stack, stores, loads = (int(x) for x in re.search(
         r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text).groups())
     return {"regs": int(re.search(r"Used (\d+) registers", text).group(1)), "stack": stack,
-            "spill_stores": stores, "spill_loads": loads, "smem": int(compiled.metadata.shared)}
+            "spill_stores": stores, "spill_loads": loads, "smem": int(compiled.metadata.shared),
+            # whether Triton split the kernel into producer / consumer warps (it may silently not)
+            "warp_specialized": "ttg.warp_specialize(" in compiled.asm["ttgir"]}
 
 
 def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
@@ -117,6 +121,14 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
         # the default dk/dv on Hopper (TMA loads); flash's pointer kernel above runs elsewhere
         kernels.insert(1, ("bwd_dkdv_tma", dkdv_tma._bwd_dkdv_tma_kernel, dkdv_tma.tma_dkdv_config(head_dim, plain),
                            plain))
+    if head_dim in (16, 32, 64, 128):
+        # the warp-specialised kernels (Hopper defaults at hd 128 where they apply; LONGKIT_ATTN_WS_FWD / _WS_DKDV)
+        if not any(flags.values()):
+            kernels.insert(1, ("fwd_ws", fwd_ws._fwd_ws_kernel, fwd_ws.ws_fwd_config(head_dim), {"WS": True}))
+        if not flags["HAS_PREFIX"]:
+            tma_cfg = dkdv_tma.tma_dkdv_config(head_dim, plain)
+            kernels.insert(-1, ("bwd_dkdv_ws", dkdv_tma._bwd_dkdv_ws_kernel,
+                                dkdv_tma.ws_dkdv_config(head_dim, tma_cfg), plain))
     for name, kernel, cfg, override in kernels:
         tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         consts = {**base, **override, **tiles}
@@ -137,7 +149,8 @@ def main() -> None:
     ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
     ap.add_argument("--group", type=int, nargs="+", default=[1, 4], help="query heads per kv head (GQA)")
     ap.add_argument("--kernels", nargs="+",
-                    default=["fwd", "bwd_dkdv_tma", "bwd_dkdv", "bwd_dkdv_split", "bwd_dkdv_sink", "bwd_dq"])
+                    default=["fwd", "fwd_ws", "bwd_dkdv_tma", "bwd_dkdv_ws", "bwd_dkdv", "bwd_dkdv_split",
+                             "bwd_dkdv_sink", "bwd_dq"])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     rows = []
