@@ -124,7 +124,7 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
     if head_dim in (16, 32, 64, 128):
         # the warp-specialised kernels (Hopper defaults at hd 128 where they apply; LONGKIT_ATTN_WS_FWD / _WS_DKDV)
         if not any(flags.values()):
-            kernels.insert(1, ("fwd_ws", fwd_ws._fwd_ws_kernel, fwd_ws.ws_fwd_config(head_dim), {"WS": True}))
+            kernels.insert(1, ("fwd_ws", fwd_ws._fwd_ws_kernel, fwd_ws.ws_fwd_config(), {"WS": True}))
         if not flags["HAS_PREFIX"]:
             tma_cfg = dkdv_tma.tma_dkdv_config(head_dim, plain)
             kernels.insert(-1, ("bwd_dkdv_ws", dkdv_tma._bwd_dkdv_ws_kernel,

@@ -29,6 +29,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .flash import _LOG2E, _interpreting, _kv_block_rows, _parse_cfg, _visible
+from .tma_ws import ensure_allocator, flat_rows_desc, ws_switch
 
 
 @triton.jit
@@ -142,21 +143,17 @@ def _bwd_dkdv_ws_kernel(
 ):
     """:func:`_bwd_dkdv_tma_kernel` under Triton's Hopper warp specialisation (a producer warp feeds the two
     consumer warpgroups). The pass needs descriptors made in the kernel and hangs or miscomputes with 4-D or
-    reshaped ones (``fwd_ws.py``, ``docs/kernel_notes.md``), so q/dO/k/v are 2-D views of contiguous
+    reshaped ones (``tma_ws.py``, ``docs/kernel_notes.md``), so q/dO/k/v are 2-D views of contiguous
     ``[B, H, T, HEAD_DIM]`` tensors (rows past a head's end are the next head's: masked, as rows past Tq are),
     and ``LSE2`` / ``DELTA2`` / ``MQ2`` 2-D row tables (row stride ``s_l`` / ``s_mq``) read as ``[1, BLOCK_M]``."""
     pid_n = tl.program_id(0) + BLK_OFF
     bh = tl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
-    q_desc = tl.make_tensor_descriptor(Q, shape=[B * Hq * Tq, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_M, HEAD_DIM])
-    do_desc = tl.make_tensor_descriptor(DO, shape=[B * Hq * Tq, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                        block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(K, shape=[B * Hkv * Tk, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V, shape=[B * Hkv * Tk, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
+    q_desc = flat_rows_desc(Q, B * Hq * Tq, HEAD_DIM, BLOCK_M)
+    do_desc = flat_rows_desc(DO, B * Hq * Tq, HEAD_DIM, BLOCK_M)
+    k_desc = flat_rows_desc(K, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    v_desc = flat_rows_desc(V, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
     lse_desc = tl.make_tensor_descriptor(LSE2, shape=[B * Hq, Tq], strides=[s_l, 1], block_shape=[1, BLOCK_M])
     delta_desc = tl.make_tensor_descriptor(DELTA2, shape=[B * Hq, Tq], strides=[s_l, 1], block_shape=[1, BLOCK_M])
     mq_desc = tl.make_tensor_descriptor(MQ2, shape=[n_mq_rows, Tq], strides=[s_mq, 1], block_shape=[1, BLOCK_M])
@@ -250,9 +247,7 @@ def ws_dkdv_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out:
     (Triton's warp-specialisation pass fails to compile those two). By default: Hopper, head dim 128, causal /
     GQA / Λ (with or without the distance limit), where an H200 sweep at 16k measured the backward 1.02-1.06x
     faster (documents 1.00x, hd 64 mostly slower; ``attention_sweep_h200_ws_dkdv_16k.json``).
-    ``LONGKIT_ATTN_WS_DKDV``: see :func:`fwd_ws.ws_switch`."""
-    from .fwd_ws import ws_switch
-
+    ``LONGKIT_ATTN_WS_DKDV``: see :func:`tma_ws.ws_switch`."""
     problem = None
     if flags["HAS_PREFIX"] or (flags["HAS_DOCS"] and flags["HAS_WINDOW"]):
         problem = ("the mask has a shared prefix, or documents with a window (Triton's warp-specialisation pass "
@@ -306,37 +301,30 @@ def launch_tma_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out:
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    # lse in base 2, -inf (rows that see no key) as +inf so that p = 0; row tables with 16-byte aligned rows
+    lse_r = _rows_2d(torch.where(lse == float("-inf"), float("inf"), lse * _LOG2E), B * Hq, Tq)
+    delta_r = _rows_2d(delta, B * Hq, Tq)
+    has_mq = flags["HAS_DOCS"] or flags["HAS_PREFIX"]
+    mq_r = _rows_2d(meta_q, meta_q.shape[0] * 3, Tq) if has_mq else lse_r  # placeholder, never read
+    mq_rows_per_b = 3 if has_mq and meta_q.shape[0] > 1 else 0
+    grid = (triton.cdiv(Tk, bn) - blk_off, B * Hkv)
+    mask_flags = {"HAS_WINDOW": flags["HAS_WINDOW"], "HAS_DOCS": flags["HAS_DOCS"], "HAS_PREFIX": flags["HAS_PREFIX"]}
+    if ws_dkdv_enabled(q, k, v, grad_out, flags):
+        if q.is_cuda:
+            ensure_allocator()
+        return _bwd_dkdv_ws_kernel[grid](
+            q, k, v, grad_out, lse_r, delta_r, mq_r, dk, dv, meta_k, lse_r.stride(0), mq_r.stride(0), mq_r.shape[0],
+            mq_rows_per_b, s_mkb, B, Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
+            blk_off, GROUP=Hq // Hkv, HEAD_DIM=D, **mask_flags, **ws_dkdv_config(D, cfg),
+        )
     block_d = max(16, triton.next_power_of_2(D))
     qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, bm, block_d])
     dod = TensorDescriptor(grad_out, list(grad_out.shape), list(grad_out.stride()), [1, 1, bm, block_d])
     kd = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, block_d])
     vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, block_d])
-    lse2 = torch.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    lse_d = _desc_2d(_rows_2d(lse2, B * Hq, Tq), bm)
-    delta_d = _desc_2d(_rows_2d(delta, B * Hq, Tq), bm)
-    has_mq = flags["HAS_DOCS"] or flags["HAS_PREFIX"]
-    if has_mq:
-        mq_d = _desc_2d(_rows_2d(meta_q, meta_q.shape[0] * 3, Tq), bm)
-    else:
-        mq_d = lse_d  # placeholder, never read
-    n_blk = triton.cdiv(Tk, bn) - blk_off
-    if ws_dkdv_enabled(q, k, v, grad_out, flags):
-        from .fwd_ws import ensure_allocator
-
-        wcfg = ws_dkdv_config(D, cfg)
-        if q.is_cuda:
-            ensure_allocator()
-        lse_r, delta_r = _rows_2d(lse2, B * Hq, Tq), _rows_2d(delta, B * Hq, Tq)
-        mq_r = _rows_2d(meta_q, meta_q.shape[0] * 3, Tq) if has_mq else lse_r  # placeholder, never read
-        return _bwd_dkdv_ws_kernel[(n_blk, B * Hkv)](
-            q, k, v, grad_out, lse_r, delta_r, mq_r, dk, dv, meta_k, lse_r.stride(0), mq_r.stride(0), mq_r.shape[0],
-            3 if has_mq and meta_q.shape[0] > 1 else 0, s_mkb, B, Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0),
-            scale * _LOG2E, scale, blk_off, GROUP=Hq // Hkv, HEAD_DIM=D, HAS_WINDOW=flags["HAS_WINDOW"],
-            HAS_DOCS=flags["HAS_DOCS"], HAS_PREFIX=flags["HAS_PREFIX"], **wcfg,
-        )
-    return _bwd_dkdv_tma_kernel[(n_blk, B * Hkv)](
-        qd, kd, vd, dod, lse_d, delta_d, mq_d, dk, dv, meta_k, 3 if has_mq and meta_q.shape[0] > 1 else 0, s_mkb,
+    lse_d, delta_d, mq_d = (_desc_2d(t, bm) for t in (lse_r, delta_r, mq_r))
+    return _bwd_dkdv_tma_kernel[grid](
+        qd, kd, vd, dod, lse_d, delta_d, mq_d, dk, dv, meta_k, mq_rows_per_b, s_mkb,
         Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale, blk_off,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, HAS_WINDOW=flags["HAS_WINDOW"],
-        HAS_DOCS=flags["HAS_DOCS"], HAS_PREFIX=flags["HAS_PREFIX"], **cfg,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, **mask_flags, **cfg,
     )

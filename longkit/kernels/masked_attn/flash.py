@@ -1030,17 +1030,6 @@ def _tma_dkdv_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: 
     return cfg
 
 
-def _ws_fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool]) -> bool:
-    """Whether the warp-specialised causal forward (``fwd_ws.py``) runs for these inputs."""
-    try:
-        from .fwd_ws import ws_fwd_enabled  # imports this module's helpers
-    except ImportError as e:  # a Triton without in-kernel tensor descriptors: the pointer kernel runs
-        if os.environ.get("LONGKIT_ATTN_WS_FWD") == "1":
-            raise RuntimeError(f"LONGKIT_ATTN_WS_FWD=1 needs Triton tensor descriptors ({e})") from e
-        return False
-    return ws_fwd_enabled(q, k, v, flags)
-
-
 _MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's 2nd and 3rd dimensions
 
 
@@ -1079,10 +1068,9 @@ def flash_masked_attention_fwd(
     qg = q_global if q_global is not None else q
     kg = k_global if k_global is not None else k
     flags = _flags(n_local, cu_seqlens, segments, q_global)
-    if _ws_fwd_plan(q, k, v, flags):
-        # Hopper, plain causal: TMA loads and a producer warp (fwd_ws.py)
-        from .fwd_ws import launch_ws_fwd
+    from .fwd_ws import launch_ws_fwd, ws_fwd_enabled  # imports this module's helpers
 
+    if ws_fwd_enabled(q, k, v, flags):  # Hopper, plain causal: TMA loads and a producer warp (fwd_ws.py)
         LAST_LAUNCH["fwd"] = launch_ws_fwd(q, k, v, out, lse, q_offset, scale * _LOG2E)
         return out, lse
     cfg = _fwd_config(D, flags)

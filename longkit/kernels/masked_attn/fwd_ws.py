@@ -14,13 +14,12 @@ data-dependent branches, so the causal mask is one compare and select per score 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .flash import _interpreting
+from .tma_ws import ensure_allocator, flat_rows_desc, ws_switch
 
 
 @triton.jit
@@ -59,16 +58,10 @@ def _fwd_ws_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
-    # descriptors made here, not on the host, and 2-D over the flattened (batch, head, token) rows: on the H200 the
-    # specialised loop hung with 4-D [B, H, T, D] descriptors (as the specialised dk/dv did with host-made ones,
-    # docs/kernel_notes.md). Rows past a head's end belong to the next head (or are zero-padded past the tensor's
-    # end): the causal mask drops such keys, and such query rows are not stored.
-    q_desc = tl.make_tensor_descriptor(Q, shape=[B * Hq * Tq, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(K, shape=[B * Hkv * Tk, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V, shape=[B * Hkv * Tk, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
+    # 2-D descriptors over the flattened rows (tma_ws.py says why); rows read past a head's end are masked
+    q_desc = flat_rows_desc(Q, B * Hq * Tq, HEAD_DIM, BLOCK_M)
+    k_desc = flat_rows_desc(K, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    v_desc = flat_rows_desc(V, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
     kv_row0 = (b * Hkv + hk) * Tk
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -94,7 +87,7 @@ def _fwd_ws_kernel(
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
 
 
-def ws_fwd_config(head_dim: int) -> dict[str, int]:
+def ws_fwd_config() -> dict[str, int]:
     """Tiles: 128×128 on 4 warps (two consumer warpgroups and the producer the pass adds), 2 stages. Fixed on
     purpose: on the H200 (Triton 3.6) the 3-stage and 64-wide kv-tile variants compiled, ran, and returned NaN
     (``attention_sweep_h200_ws_{4096,16384}.json``), so no override is offered."""
@@ -103,58 +96,13 @@ def ws_fwd_config(head_dim: int) -> dict[str, int]:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 
 
-def ws_switch(env_name: str, mask_problem: str | None, tensors: tuple[torch.Tensor, ...], names: str,
-              fallback: str, default_on: bool) -> bool:
-    """The rule both warp-specialised kernels' switches follow. ``env_name`` = ``0``: off; ``1``: on wherever the
-    kernel can run (sm_90+ GPUs and the interpreter), else an error naming ``mask_problem`` or what is wrong with
-    ``tensors`` (``names``); unset: ``default_on`` on a Hopper GPU, off under the interpreter (whose tests force it)."""
-    env = os.environ.get(env_name)
-    if env not in (None, "", "0", "1"):
-        raise ValueError(f"{env_name} must be 0 or 1, got {env!r}")
-    if env == "0":
-        return False
-    q = tensors[0]
-    why = mask_problem
-    if why is None and q.shape[-1] not in (16, 32, 64, 128):
-        why = f"head dim {q.shape[-1]} is not one of 16, 32, 64, 128"
-    elif why is None and not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors):
-        why = f"{names} are not contiguous [B, H, T, D] tensors with 16-byte aligned bases"
-    elif why is None and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
-        why = "the GPU has no TMA (needs sm_90 or newer)"
-    if why is not None:
-        if env == "1":
-            raise ValueError(f"{env_name}=1 but {why}; unset it to use {fallback}")
-        return False
-    if env == "1":
-        return True
-    if _interpreting():
-        return False
-    return default_on and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-
-
 def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool]) -> bool:
     """Whether the warp-specialised causal forward runs: plain causal / GQA masks, contiguous aligned inputs, head
     dims 16-128 (powers of two); by default on Hopper at head dim 128 only (at 64 it was 1.15-1.29x slower than
-    the pointer kernel in the same H200 sweep). ``LONGKIT_ATTN_WS_FWD``: see :func:`ws_switch`."""
+    the pointer kernel in the same H200 sweep). ``LONGKIT_ATTN_WS_FWD``: see :func:`tma_ws.ws_switch`."""
     problem = "the mask is not plain causal (window, documents, shared prefix or q_global)" if any(flags.values()) \
         else None
     return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", q.shape[-1] == 128)
-
-
-def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def ensure_allocator() -> None:
-    """Descriptors made in a kernel need global scratch from Triton's allocator; install a torch one unless the
-    caller has set their own."""
-    try:
-        from triton.runtime import _allocation
-        unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
-    except (ImportError, AttributeError):  # another Triton layout: ours is a correct allocator either way
-        unset = True
-    if unset:
-        triton.set_allocator(_torch_scratch)
 
 
 def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -162,7 +110,7 @@ def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     """Causal forward into contiguous ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    cfg = ws_fwd_config(D)
+    cfg = ws_fwd_config()
     if q.is_cuda:
         ensure_allocator()
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
