@@ -142,7 +142,7 @@ BWD_SWEEP = ["64,128,8,2;128,64,8,2", "64,128,8,3;128,64,8,3", "64,128,8,1;128,6
              "64,64,4,3;64,64,4,3", "128,128,8,2;128,128,8,2"]
 # profiler name -> column; the TMA dk/dv (dkdv_tma.py) is reported as bwd_dkdv too
 BWD_KERNELS = {"_bwd_dkdv_kernel": "bwd_dkdv", "_bwd_dkdv_tma_kernel": "bwd_dkdv", "_bwd_dkdv_ws_kernel": "bwd_dkdv",
-               "_bwd_dq_kernel": "bwd_dq", "_bwd_dq_ws_kernel": "bwd_dq",
+               "_bwd_dq_kernel": "bwd_dq",
                "_bwd_preprocess_kernel": "bwd_preprocess"}
 
 

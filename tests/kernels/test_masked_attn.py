@@ -187,24 +187,15 @@ def test_triton_other_kv_loop_structure(c: Case, monkeypatch: pytest.MonkeyPatch
     _compare(c)
 
 
-WS_CASES = [c for c in CASES if c.mask.prefix_segments is None and c.mask.cu_seqlens is None and not c.use_global
-            and c.D in (16, 32, 64, 128)]
+WS_FWD_CASES = [c for c in CASES if c.name.startswith("causal") and c.D in (16, 32, 64, 128)]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("c", WS_CASES, ids=str)
-def test_triton_ws_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The warp-specialised forward (``fwd_ws.py``, the Hopper default for plain causal masks), forced on for every
-    mask kind it takes (causal, GQA, offsets, Λ); the backward then uses its lse and output."""
+@pytest.mark.parametrize("c", WS_FWD_CASES, ids=str)
+def test_triton_ws_causal_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warp-specialised causal forward (``fwd_ws.py``, the Hopper default for plain causal masks), forced on;
+    the backward then uses its lse and output."""
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
-    _compare(c)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("c", WS_CASES, ids=str)
-def test_triton_ws_dq(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The warp-specialised dq (``dq_ws.py``), forced on for every mask kind it takes."""
-    monkeypatch.setenv("LONGKIT_ATTN_WS_DQ", "1")
     _compare(c)
 
 
@@ -246,37 +237,28 @@ def test_ws_dkdv_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("env", ["LONGKIT_ATTN_WS_FWD", "LONGKIT_ATTN_WS_DQ"])
-def test_ws_forward_and_dq_switches(env: str) -> None:
-    """``LONGKIT_ATTN_WS_FWD`` / ``LONGKIT_ATTN_WS_DQ``: 0/1 only; ``=1`` with a mask or inputs the kernel cannot take
-    is a clear error; unset, they stay off under the interpreter (the pointer kernels are what the other tests
-    check)."""
-    from longkit.kernels.masked_attn.dq_ws import ws_dq_enabled
+def test_ws_forward_switch() -> None:
+    """``LONGKIT_ATTN_WS_FWD``: 0/1 only; ``=1`` with a mask or inputs the kernel cannot take is a clear error;
+    unset, it stays off under the interpreter (the pointer forward is the one the other tests check)."""
     from longkit.kernels.masked_attn.flash import _flags
     from longkit.kernels.masked_attn.fwd_ws import ws_fwd_enabled
-
-    def enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool]) -> bool:
-        return ws_fwd_enabled(q, k, v, flags) if env.endswith("FWD") else ws_dq_enabled(q, k, v, q, flags)
 
     x = torch.randn(1, 2, 9, 16)
     plain = _flags(0, None, None, None)
     mp = pytest.MonkeyPatch()
     try:
-        assert not enabled(x, x, x, plain)
-        mp.setenv(env, "1")
-        assert enabled(x, x, x, plain)
-        assert enabled(x, x, x, _flags(8, None, None, None))  # Λ
-        for flags in (_flags(8, None, None, x), _flags(0, None, torch.tensor([[2, 5]]), None),
-                      _flags(0, torch.tensor([0, 9]), None, None)):
-            with pytest.raises(ValueError, match="documents, a shared prefix or the distance limit"):
-                enabled(x, x, x, flags)
+        assert not ws_fwd_enabled(x, x, x, plain)
+        mp.setenv("LONGKIT_ATTN_WS_FWD", "1")
+        assert ws_fwd_enabled(x, x, x, plain)
+        with pytest.raises(ValueError, match="not plain causal"):
+            ws_fwd_enabled(x, x, x, _flags(8, None, None, None))
         with pytest.raises(ValueError, match="head dim 24"):
-            enabled(*(torch.randn(1, 2, 9, 24),) * 3, plain)
+            ws_fwd_enabled(*(torch.randn(1, 2, 9, 24),) * 3, plain)
         with pytest.raises(ValueError, match="contiguous"):
-            enabled(x.transpose(1, 2).contiguous().transpose(1, 2), x, x, plain)
-        mp.setenv(env, "yes")
+            ws_fwd_enabled(x.transpose(1, 2).contiguous().transpose(1, 2), x, x, plain)
+        mp.setenv("LONGKIT_ATTN_WS_FWD", "yes")
         with pytest.raises(ValueError, match="must be 0 or 1"):
-            enabled(x, x, x, plain)
+            ws_fwd_enabled(x, x, x, plain)
     finally:
         mp.undo()
 
@@ -562,8 +544,7 @@ def test_naive_dispatch_on_cpu_matches_reference() -> None:
 GPU_CASES = [
     ("causal", lambda T: causal()),
     ("causal_offset", lambda T: causal(q_offset=T // 2)),
-    ("sink_window", lambda T: sink_window(4, T // 4)),  # with the distance limit (q_global), by its name
-    ("lambda", lambda T: sink_window(4, T // 4)),
+    ("sink_window", lambda T: sink_window(4, T // 4)),
     ("documents", lambda T: documents(torch.tensor([0, 300, 301, 1500, 1500, T - 1000, T], device="cuda"))),
     ("docs_prefix", lambda T: documents(torch.tensor([0, 1200, T], device="cuda"))
      & shared_prefix(torch.tensor([[500, 800], [1000, 1700]], device="cuda"))),
@@ -639,19 +620,14 @@ def test_gpu_variants_odd_length_hf_layout(name: str, make, D: int, variant: str
     _gpu_vs_reference(name, make, D, 4091, hf_layout=True)
 
 
-GPU_WS_CASES = [c for c in GPU_CASES if c[0] in ("causal", "causal_offset", "lambda")]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("env", ["LONGKIT_ATTN_WS_FWD", "LONGKIT_ATTN_WS_DQ"])
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("name,make", GPU_WS_CASES, ids=[n for n, _ in GPU_WS_CASES])
-def test_gpu_ws_forward_and_dq_odd_length(name: str, make, D: int, env: str,  # noqa: ANN001
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The warp-specialised forward / dq forced on at a length that is no multiple of their tiles, GQA 2:1: their
-    flattened 2-D descriptors read the next head's rows past a head's end, and zeros past the tensor's."""
-    monkeypatch.setenv(env, "1")
+@pytest.mark.parametrize("name,make", GPU_CASES[:2], ids=[n for n, _ in GPU_CASES[:2]])
+def test_gpu_ws_forward_odd_length(name: str, make, D: int, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The warp-specialised causal forward forced on (the default at hd 128 on Hopper) at a length that is no
+    multiple of its tile, GQA 2:1: its flattened 2-D descriptors read the next head's rows past a head's end."""
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
     _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
 
 

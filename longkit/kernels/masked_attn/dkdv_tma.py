@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .flash import _LOG2E, _interpreting, _kv_block_rows, _parse_cfg, _visible
-from .tma_ws import ensure_allocator, flat_rows_desc, rows_2d, ws_switch
+from .tma_ws import ensure_allocator, flat_rows_desc, ws_switch
 
 
 @triton.jit
@@ -274,23 +274,38 @@ def ws_dkdv_config(head_dim: int, tma_cfg: dict[str, int]) -> dict[str, int]:
     return {**tma_cfg, "num_warps": 4}
 
 
+def _rows_2d(t: torch.Tensor, rows: int, cols: int, fill: float | int = 0) -> torch.Tensor:
+    """``t`` as a ``[rows, cols]`` tensor whose row stride is a multiple of 16 bytes (TMA), copied only when
+    ``cols`` needs padding."""
+    per16 = 16 // t.element_size()
+    pad = -cols % per16
+    t2 = t.reshape(rows, cols)
+    if pad == 0:
+        return t2
+    out = torch.full((rows, cols + pad), fill, dtype=t.dtype, device=t.device)
+    out[:, :cols] = t2
+    return out[:, :cols]
+
+
 def _desc_2d(t: torch.Tensor, block_cols: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_cols])
 
 
-def launch_tma_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, lse_r: torch.Tensor,
-                   delta_r: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, meta_q: torch.Tensor,
+def launch_tma_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
+                   delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, meta_q: torch.Tensor,
                    meta_k: torch.Tensor, s_mkb: int, q_offset: int, n_global: int, n_local: int,
                    scale: float, flags: dict[str, bool], blk_off: int, cfg: dict[str, int]) -> object:
-    """dk, dv of kv blocks ``blk_off..`` into contiguous ``dk``/``dv`` (``[B, Hkv, Tk, D]``). ``lse_r`` /
-    ``delta_r``: ``[B * Hq, Tq]`` views with 16-byte aligned rows (``tma_ws.rows_2d``) of the base-2 log-sum-exp
-    (``tma_ws.lse_base2``) and delta; ``meta_q`` as from
+    """dk, dv of kv blocks ``blk_off..`` into contiguous ``dk``/``dv`` (``[B, Hkv, Tk, D]``). ``lse``: the
+    forward's (natural log, ``[B, Hq, Tq]``); ``delta`` ``[B, Hq, Tq]`` contiguous; ``meta_q`` as from
     :func:`flash.build_mask_tables`."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    # lse in base 2, -inf (rows that see no key) as +inf so that p = 0; row tables with 16-byte aligned rows
+    lse_r = _rows_2d(torch.where(lse == float("-inf"), float("inf"), lse * _LOG2E), B * Hq, Tq)
+    delta_r = _rows_2d(delta, B * Hq, Tq)
     has_mq = flags["HAS_DOCS"] or flags["HAS_PREFIX"]
-    mq_r = rows_2d(meta_q, meta_q.shape[0] * 3, Tq) if has_mq else lse_r  # placeholder, never read
+    mq_r = _rows_2d(meta_q, meta_q.shape[0] * 3, Tq) if has_mq else lse_r  # placeholder, never read
     mq_rows_per_b = 3 if has_mq and meta_q.shape[0] > 1 else 0
     grid = (triton.cdiv(Tk, bn) - blk_off, B * Hkv)
     mask_flags = {"HAS_WINDOW": flags["HAS_WINDOW"], "HAS_DOCS": flags["HAS_DOCS"], "HAS_PREFIX": flags["HAS_PREFIX"]}

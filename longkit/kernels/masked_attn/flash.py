@@ -1070,8 +1070,8 @@ def flash_masked_attention_fwd(
     flags = _flags(n_local, cu_seqlens, segments, q_global)
     from .fwd_ws import launch_ws_fwd, ws_fwd_enabled  # imports this module's helpers
 
-    if ws_fwd_enabled(q, k, v, flags):  # Hopper: TMA loads and a producer warp (fwd_ws.py)
-        LAST_LAUNCH["fwd"] = launch_ws_fwd(q, k, v, out, lse, q_offset, n_global, n_local, scale * _LOG2E, flags)
+    if ws_fwd_enabled(q, k, v, flags):  # Hopper, plain causal: TMA loads and a producer warp (fwd_ws.py)
+        LAST_LAUNCH["fwd"] = launch_ws_fwd(q, k, v, out, lse, q_offset, scale * _LOG2E)
         return out, lse
     cfg = _fwd_config(D, flags)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
@@ -1143,18 +1143,11 @@ def flash_masked_attention_bwd(
     # each walk all of Tq alone at the end of the backward).
     n_sink_blk = min(triton.cdiv(n_global, cfg_kv["BLOCK_N"]), n_kv_blk) if q_global is not None else 0
     tma_cfg = _tma_dkdv_plan(q, k, v, grad_out, flags, cfg_kv["BLOCK_N"] if n_sink_blk else None)
-    from .dq_ws import launch_ws_dq, ws_dq_enabled  # imports this module's jit helpers
-    from .tma_ws import lse_base2, rows_2d
-
-    ws_dq = ws_dq_enabled(q, k, v, grad_out, flags)
-    rows = None
-    if ws_dq or (n_kv_blk > n_sink_blk and tma_cfg is not None):  # the TMA kernels' per-row tables
-        rows = (rows_2d(lse_base2(lse), B * Hq, Tq), rows_2d(delta, B * Hq, Tq))
     if n_kv_blk > n_sink_blk and tma_cfg is not None:
         # Hopper: every load through a TMA descriptor, one loop with the elementwise mask (dkdv_tma.py)
         from .dkdv_tma import launch_tma_dkdv
 
-        LAST_LAUNCH["bwd_dkdv"] = launch_tma_dkdv(q, k, v, grad_out, *rows, dk, dv, meta_q, meta_k, s_mkb,
+        LAST_LAUNCH["bwd_dkdv"] = launch_tma_dkdv(q, k, v, grad_out, lse, delta, dk, dv, meta_q, meta_k, s_mkb,
                                                  q_offset, n_global, n_local, scale, flags, n_sink_blk, tma_cfg)
     elif n_kv_blk > n_sink_blk:
         cfg_main = _bwd_config(D, {**flags, "USE_GLOBAL": False})[0] if n_sink_blk else cfg_kv
@@ -1183,10 +1176,6 @@ def flash_masked_attention_bwd(
     if n_sink_blk:
         LAST_LAUNCH["bwd_dkdv_sink"] = _sink_dkdv(dkdv_args, dk, dv, dkg, meta_q, meta_k, scalars, consts, flags,
                                                   cfg_kv, n_sink_blk)
-    if ws_dq:  # Hopper: TMA loads and a producer warp (dq_ws.py)
-        LAST_LAUNCH["bwd_dq"] = launch_ws_dq(q, k, v, grad_out, *rows, dq, q_offset, n_global, n_local, scale,
-                                             flags)
-        return dq, dk, dv, dqg, dkg
     LAST_LAUNCH["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(Tq, cfg_q["BLOCK_M"]), B * Hq)](
         q, k, v, qg, kg, grad_out, lse, delta, dq, dqg if dqg is not None else dq, meta_q,
         *common_strides, s_mb,

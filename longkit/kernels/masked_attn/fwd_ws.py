@@ -1,7 +1,7 @@
-"""Forward on Hopper with TMA loads and warp specialisation, for the causal (GQA, ``q_offset``) and Λ masks.
+"""Causal forward on Hopper with TMA loads and warp specialisation (plain causal and GQA masks only).
 
-Same math and outputs as :func:`flash._fwd_kernel` restricted to those masks: no documents, shared prefix or
-q_global (``tma_ws.py`` says why). Why a second kernel: an ``ncu`` profile of the hd 128 × 4k causal
+Same math and outputs as :func:`flash._fwd_kernel` restricted to the causal mask (``q_offset`` included): no
+window, documents, shared prefix or q_global. Why a second kernel: an ``ncu`` profile of the hd 128 × 4k causal
 forward (H200, ``docs/kernel_notes.md``) put 23% of the pointer kernel's warp time outside its unmasked kv loop
 (loading q, filling the software pipeline, the diagonal block, the epilogue), at one CTA per SM with nothing to
 overlap it, and 16 ``cp.async`` plus their address arithmetic inside every iteration. Here every load is a TMA
@@ -9,8 +9,7 @@ descriptor load (made in the kernel) and ``tl.range(..., warp_specialize=True)``
 so the two consumer warpgroups only multiply and exponentiate, as cuDNN's kernel does.
 
 Triton 3.6's Hopper warp specialisation needs every load in a descriptor and a single loop body without
-data-dependent branches, so the mask is one compare and select per score on every block; with a window the loop
-walks the pointer kernel's block schedule (sink blocks, then the window's), skipping the blocks between.
+data-dependent branches, so the causal mask is one compare and select per score on every block.
 """
 
 from __future__ import annotations
@@ -20,25 +19,19 @@ import triton
 import triton.language as tl
 
 from .flash import _interpreting
-from .tma_ws import (
-    ensure_allocator,
-    flat_rows_desc,
-    ws_block_start,
-    ws_kv_schedule,
-    ws_mask_problem,
-    ws_mask_scores,
-    ws_switch,
-)
+from .tma_ws import ensure_allocator, flat_rows_desc, ws_switch
 
 
 @triton.jit
-def _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, pos, lim, n_global, n_local, sm_scale_log2, start, ga0, gal,
-              n_iter, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, WS: tl.constexpr):
-    """Online softmax over the ``n_iter`` scheduled kv blocks (``tma_ws.ws_kv_schedule``)."""
-    for it in tl.range(0, n_iter, warp_specialize=WS):
-        start_n = ws_block_start(it, start, ga0, gal, BLOCK_N, HAS_WINDOW)
+def _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, j_lo, j_hi,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr):
+    """Online softmax over kv blocks ``[j_lo, j_hi)``, keeping only keys ``<= lim`` (per row)."""
+    for j in tl.range(j_lo, j_hi, warp_specialize=WS):
+        start_n = j * BLOCK_N
         k = k_desc.load([kv_row0 + start_n, 0])
-        s = ws_mask_scores(tl.dot(q, k.T), start_n + tl.arange(0, BLOCK_N), pos, lim, n_global, n_local, HAS_WINDOW)
+        s = tl.dot(q, k.T)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s = tl.where(offs_n[None, :] <= lim[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
@@ -51,15 +44,15 @@ def _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, pos, lim, n_global, n_l
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local"])
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])
 def _fwd_ws_kernel(
-    Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2,
+    Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, q_offset, sm_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, WS: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """Program ``(i, b * Hq + h)``: query block ``n_blocks - 1 - i`` (heavy blocks first) of query head ``h``.
     ``Out`` is contiguous ``[B, Hq, Tq, HEAD_DIM]``; ``LSE`` ``[B, Hq, Tq]`` (natural log, -inf for rows that see
-    no key). ``HAS_WINDOW``: the Λ mask (``n_global`` sinks, ``n_local`` window), else causal."""
+    no key)."""
     pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -72,16 +65,17 @@ def _fwd_ws_kernel(
     kv_row0 = (b * Hkv + hk) * Tk
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    # a row sees keys 0..min(its position, Tk - 1); the mask drops the rows read past Tk (next head's, or zeros)
+    lim = tl.minimum(q_offset + offs_m, Tk - 1)
     q = q_desc.load([bh * Tq + start_m, 0])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    pos, lim, start, ga0, gal, n_iter = ws_kv_schedule(start_m, offs_m, Tq, Tk, q_offset, n_global, n_local,
-                                                       BLOCK_M, BLOCK_N, HAS_WINDOW)
+    n_blk = tl.cdiv(tl.maximum(tl.minimum(Tk, q_offset + start_m + BLOCK_M), 0), BLOCK_N)
     # one loop, the mask on every block: Triton 3.6 specialises only a kernel whose every descriptor load sits in
     # one loop without data-dependent branches (an unmasked loop plus a masked one fails to compile)
-    acc, l_i, m_i = _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, pos, lim, n_global, n_local, sm_scale_log2,
-                              start, ga0, gal, n_iter, HEAD_DIM, BLOCK_N, HAS_WINDOW, WS)
+    acc, l_i, m_i = _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, 0, n_blk,
+                              HEAD_DIM, BLOCK_N, WS)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
@@ -103,17 +97,17 @@ def ws_fwd_config() -> dict[str, int]:
 
 
 def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool]) -> bool:
-    """Whether the warp-specialised forward runs: causal / GQA and Λ masks (no documents, shared prefix or distance
-    limit), contiguous aligned inputs, head dims 16-128 (powers of two); by default on Hopper at head dim 128 for
-    causal / GQA (at 64 it was 1.15-1.29x slower than the pointer kernel in the same H200 sweep).
-    ``LONGKIT_ATTN_WS_FWD``: see :func:`tma_ws.ws_switch`."""
-    return ws_switch("LONGKIT_ATTN_WS_FWD", ws_mask_problem(flags), (q, k, v), "q/k/v", "the pointer kernel",
-                     q.shape[-1] == 128 and not flags["HAS_WINDOW"])
+    """Whether the warp-specialised causal forward runs: plain causal / GQA masks, contiguous aligned inputs, head
+    dims 16-128 (powers of two); by default on Hopper at head dim 128 only (at 64 it was 1.15-1.29x slower than
+    the pointer kernel in the same H200 sweep). ``LONGKIT_ATTN_WS_FWD``: see :func:`tma_ws.ws_switch`."""
+    problem = "the mask is not plain causal (window, documents, shared prefix or q_global)" if any(flags.values()) \
+        else None
+    return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", q.shape[-1] == 128)
 
 
 def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  q_offset: int, n_global: int, n_local: int, scale_log2: float, flags: dict[str, bool]) -> object:
-    """Forward into contiguous ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``; ``n_local <= 0`` means no window."""
+                  q_offset: int, scale_log2: float) -> object:
+    """Causal forward into contiguous ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cfg = ws_fwd_config()
@@ -121,6 +115,6 @@ def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         ensure_allocator()
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
     return _fwd_ws_kernel[grid](
-        q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale_log2,
-        GROUP=Hq // Hkv, HEAD_DIM=D, HAS_WINDOW=flags["HAS_WINDOW"], WS=not _interpreting(), **cfg,
+        q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, scale_log2,
+        GROUP=Hq // Hkv, HEAD_DIM=D, WS=not _interpreting(), **cfg,
     )
