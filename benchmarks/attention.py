@@ -123,7 +123,7 @@ def flex_mask_mod(case: dict[str, Any]):  # noqa: ANN201
     return mm
 
 
-def bench(fn, grad: bool, tensors: list[torch.Tensor], do: torch.Tensor) -> float:  # noqa: ANN001
+def bench(fn, grad: bool, tensors: list[torch.Tensor], do: torch.Tensor, rep_ms: int = 100) -> float:  # noqa: ANN001
     import triton.testing
 
     if not grad:
@@ -134,7 +134,7 @@ def bench(fn, grad: bool, tensors: list[torch.Tensor], do: torch.Tensor) -> floa
         def run():  # noqa: ANN202
             out = fn()
             torch.autograd.grad(out, tensors, do)
-    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(run, warmup=25, rep=rep_ms, return_mode="median")
 
 
 FWD_SWEEP = ["128,64,8,3", "128,128,8,3", "128,64,8,4", "128,64,4,3", "64,64,4,3"]
@@ -340,6 +340,9 @@ def main() -> None:
     ap.add_argument("--compile-cache", type=Path, default=None,
                     help="keep Inductor's and Triton's compiled kernels here (Flex's compiles dominate a run; a cache "
                          "carried to the next device call skips them)")
+    ap.add_argument("--rep-ms", type=int, default=100,
+                    help="time each row for about this long (Triton's do_bench; the median is reported): 100 ms is "
+                         "one call of a 64k forward+backward, so longer runs give a median over several")
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_cache is not None:
@@ -413,10 +416,10 @@ def main() -> None:
                     row = {"D": D, "T": L, "B": B, "H": H, "mask": kind, "density": round(density, 4),
                            "impl": name}
                     try:
-                        ms = bench(fn, False, ts, do)
+                        ms = bench(fn, False, ts, do, args.rep_ms)
                         row.update(fwd_ms=ms, fwd_tflops=fwd_flops / ms / 1e9)
                         if not args.no_bwd:
-                            ms2 = bench(fn, True, ts, do)
+                            ms2 = bench(fn, True, ts, do, args.rep_ms)
                             row.update(fwdbwd_ms=ms2, fwdbwd_tflops=3.5 * fwd_flops / ms2 / 1e9)
                     except Exception as e:  # noqa: BLE001 - a baseline may not support a shape
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -448,7 +451,7 @@ def main() -> None:
                        "error"], title="masked attention, bf16")
     name = torch.cuda.get_device_name(0).lower()
     short = "h100" if "h100" in name else "h200" if "h200" in name else name.split()[-1]
-    save_results(f"attention_{short}{args.tag}", rows, {"n_local": N_LOCAL, "n_global": N_GLOBAL,
+    save_results(f"attention_{short}{args.tag}", rows, {"n_local": N_LOCAL, "n_global": N_GLOBAL, "rep_ms": args.rep_ms,
                                                           "env_extra": env_info().get("device")}, args.out_dir)
 
 
