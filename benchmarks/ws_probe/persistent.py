@@ -1,0 +1,157 @@
+"""Probe: a persistent warp-specialised causal forward (one program per SM walking query-block tiles) against the
+shipped specialised forward (``fwd_ws.py``, one program per tile) and cuDNN SDPA, hd 128, bf16, one run.
+
+Why: at hd 128 × 4k the shipped kernel is at 0.82-0.88x cuDNN; the profile put the rest of the gap in the per-tile
+prologue / epilogue, which a persistent kernel whose producer warp loads the next tile's q during the current
+epilogue (cuDNN's scheme) can hide. Triton 3.6 specialises a persistent loop either as a whole (``outer``: the
+producer runs ahead across tiles; ``flatten`` fuses the two loops) or only the inner kv loop (``inner``).
+
+Each variant runs in its own process under a time limit (specialised kernels have hung on this GPU), is checked
+against the shipped kernel's output, then timed.
+
+    python benchmarks/ws_probe/persistent.py --out-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from longkit.kernels.masked_attn.tma_ws import ensure_allocator, flat_rows_desc  # noqa: E402
+
+VARIANTS = {"outer": (True, False, False), "outer_flatten": (True, False, True), "inner": (False, True, False)}
+
+
+@triton.jit
+def _persistent_fwd(Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, sm_scale_log2, GROUP: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OUTER_WS: tl.constexpr,
+                    INNER_WS: tl.constexpr, FLATTEN: tl.constexpr):
+    """Causal forward (q_offset 0); tiles head-major, each head's heavy query blocks first, dealt round-robin."""
+    q_desc = flat_rows_desc(Q, B * Hq * Tq, HEAD_DIM, BLOCK_M)
+    k_desc = flat_rows_desc(K, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    v_desc = flat_rows_desc(V, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    for tile in tl.range(tl.program_id(0), n_m * B * Hq, tl.num_programs(0), warp_specialize=OUTER_WS,
+                         flatten=FLATTEN):
+        bh = tile // n_m
+        pid_m = n_m - 1 - (tile - bh * n_m)
+        kv_row0 = ((bh // Hq) * Hkv + (bh % Hq) // GROUP) * Tk
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        lim = tl.minimum(offs_m, Tk - 1)
+        q = q_desc.load([bh * Tq + start_m, 0])
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for j in tl.range(0, tl.cdiv(tl.minimum(Tk, start_m + BLOCK_M), BLOCK_N), warp_specialize=INNER_WS):
+            start_n = j * BLOCK_N
+            k = k_desc.load([kv_row0 + start_n, 0])
+            s = tl.dot(q, k.T)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            s = tl.where(offs_n[None, :] <= lim[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(s * sm_scale_log2 - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = v_desc.load([kv_row0 + start_n, 0])
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        row_ok = offs_m < Tq
+        offs_d = tl.arange(0, HEAD_DIM)
+        tl.store(Out + (bh.to(tl.int64) * Tq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+
+
+def one(variant: str, T: int, B: int, H: int, D: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longkit.kernels.masked_attn.flash import flash_masked_attention_fwd
+
+    ensure_allocator()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    scale = D ** -0.5
+    row = {"variant": variant, "T": T, "B": B, "H": H, "D": D}
+
+    def shipped():  # noqa: ANN202
+        return flash_masked_attention_fwd(q, k, v, None, None, None, None, 0, 0, 0, scale)
+
+    if variant == "shipped":
+        fn = shipped
+    elif variant == "sdpa_cudnn":
+        def fn():  # noqa: ANN202
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), None
+    else:
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, T, device="cuda", dtype=torch.float32)
+        n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+        ow, iw, fl = VARIANTS[variant]
+
+        def fn():  # noqa: ANN202
+            _persistent_fwd[(n_sm,)](q, k, v, out, lse, B, H, H, T, T, scale * 1.4426950408889634, GROUP=1,
+                                     HEAD_DIM=D, BLOCK_M=128, BLOCK_N=128, OUTER_WS=ow, INNER_WS=iw, FLATTEN=fl,
+                                     num_warps=4, num_stages=2)
+            return out, lse
+    got = fn()
+    torch.cuda.synchronize()
+    ref = shipped()
+    row["rel_err_out"] = ((got[0].float() - ref[0].float()).abs().max() / ref[0].float().abs().max()).item()
+    if got[1] is not None:
+        row["rel_err_lse"] = ((got[1] - ref[1]).abs().max() / ref[1].abs().max()).item()
+    row["ms"] = triton.testing.do_bench(fn, warmup=25, rep=300, return_mode="median")
+    row["tflops"] = 4.0 * D * B * H * T * (T + 1) / 2 / row["ms"] / 1e9
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--variants", nargs="+", default=["shipped", "sdpa_cudnn", *VARIANTS])
+    ap.add_argument("--timeout", type=int, default=90)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args()
+    if args.one:
+        v, T = args.one.split(":")
+        T = int(T)
+        print(json.dumps(one(v, T, max(1, 65536 // T), 32, 128)))
+        return
+    rows = []
+    for T in args.seqlens:
+        for v in args.variants:
+            try:
+                p = subprocess.run([sys.executable, __file__, "--one", f"{v}:{T}"], capture_output=True, text=True,
+                                   timeout=args.timeout)
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+                row = json.loads(lines[-1]) if lines else {"variant": v, "T": T,
+                                                           "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+            except subprocess.TimeoutExpired:
+                row = {"variant": v, "T": T, "error": f"timed out after {args.timeout} s (hang?)"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "ws_persistent_probe_h200.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+             "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
