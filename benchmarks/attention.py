@@ -201,7 +201,7 @@ def sweep(args: argparse.Namespace) -> None:
                 return
             if row["pass"] == "bwd":
                 row.update(kernel_ms(fn))
-            ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+            ms = triton.testing.do_bench(fn, warmup=10, rep=args.rep_ms or 50, return_mode="median")
             if hasattr(mod, "launch_stats"):  # older kernel files may lack it
                 keys = ("fwd",) if row["pass"] == "fwd" else ("bwd_dkdv", "bwd_dkdv_sink", "bwd_dq")
                 stats = mod.launch_stats()
@@ -340,9 +340,10 @@ def main() -> None:
     ap.add_argument("--compile-cache", type=Path, default=None,
                     help="keep Inductor's and Triton's compiled kernels here (Flex's compiles dominate a run; a cache "
                          "carried to the next device call skips them)")
-    ap.add_argument("--rep-ms", type=int, default=100,
-                    help="time each row for about this long (Triton's do_bench; the median is reported): 100 ms is "
-                         "one call of a 64k forward+backward, so longer runs give a median over several")
+    ap.add_argument("--rep-ms", type=int, default=None,
+                    help="time each row for about this long (Triton's do_bench; the median is reported). Default 100 "
+                         "(50 in a sweep): one call of a 64k forward+backward, and a sweep's single rows of the same "
+                         "kernel differed by up to 15%% at 16k (session 10), so longer windows give steadier medians")
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_cache is not None:
@@ -416,10 +417,10 @@ def main() -> None:
                     row = {"D": D, "T": L, "B": B, "H": H, "mask": kind, "density": round(density, 4),
                            "impl": name}
                     try:
-                        ms = bench(fn, False, ts, do, args.rep_ms)
+                        ms = bench(fn, False, ts, do, args.rep_ms or 100)
                         row.update(fwd_ms=ms, fwd_tflops=fwd_flops / ms / 1e9)
                         if not args.no_bwd:
-                            ms2 = bench(fn, True, ts, do, args.rep_ms)
+                            ms2 = bench(fn, True, ts, do, args.rep_ms or 100)
                             row.update(fwdbwd_ms=ms2, fwdbwd_tflops=3.5 * fwd_flops / ms2 / 1e9)
                     except Exception as e:  # noqa: BLE001 - a baseline may not support a shape
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -451,8 +452,9 @@ def main() -> None:
                        "error"], title="masked attention, bf16")
     name = torch.cuda.get_device_name(0).lower()
     short = "h100" if "h100" in name else "h200" if "h200" in name else name.split()[-1]
-    save_results(f"attention_{short}{args.tag}", rows, {"n_local": N_LOCAL, "n_global": N_GLOBAL, "rep_ms": args.rep_ms,
-                                                          "env_extra": env_info().get("device")}, args.out_dir)
+    meta = {"n_local": N_LOCAL, "n_global": N_GLOBAL, "rep_ms": args.rep_ms or 100,
+            "env_extra": env_info().get("device")}
+    save_results(f"attention_{short}{args.tag}", rows, meta, args.out_dir)
 
 
 if __name__ == "__main__":
