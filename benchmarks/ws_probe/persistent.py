@@ -27,6 +27,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from longkit.kernels.masked_attn.fwd_ws import _ws_inner  # noqa: E402
 from longkit.kernels.masked_attn.tma_ws import ensure_allocator, flat_rows_desc  # noqa: E402
 
 VARIANTS = {"outer": (True, False, False), "outer_flatten": (True, False, True), "inner": (False, True, False)}
@@ -53,21 +54,9 @@ def _persistent_fwd(Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, sm_scale_log2, GROUP:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for j in tl.range(0, tl.cdiv(tl.minimum(Tk, start_m + BLOCK_M), BLOCK_N), warp_specialize=INNER_WS):
-            start_n = j * BLOCK_N
-            k = k_desc.load([kv_row0 + start_n, 0])
-            s = tl.dot(q, k.T)
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            s = tl.where(offs_n[None, :] <= lim[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(s * sm_scale_log2 - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = v_desc.load([kv_row0 + start_n, 0])
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+        # the shipped kernel's kv loop (specialised here only for the "inner" variant)
+        acc, l_i, m_i = _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, 0,
+                                  tl.cdiv(tl.minimum(Tk, start_m + BLOCK_M), BLOCK_N), HEAD_DIM, BLOCK_N, INNER_WS)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
