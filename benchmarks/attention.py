@@ -137,6 +137,51 @@ def bench(fn, grad: bool, tensors: list[torch.Tensor], do: torch.Tensor, rep_ms:
     return triton.testing.do_bench(run, warmup=25, rep=rep_ms, return_mode="median")
 
 
+def time_impls(impls: list[tuple[str, Any, list[torch.Tensor]]], do: torch.Tensor, args: argparse.Namespace,
+               base: dict[str, Any], fwd_flops: float) -> list[dict[str, Any]]:
+    """Rows for one case: every implementation is run (and compiled) once first, then timed in ``args.rounds``
+    rounds, each round in a rotated order so that none is always timed first (after an idle compile) or last; the
+    row holds the median over rounds (and the per-round times when there are several)."""
+    import statistics
+
+    timed = []
+    for name, fn, ts in impls:
+        row = {**base, "impl": name}
+        try:
+            with torch.no_grad():
+                fn()
+            if not args.no_bwd:
+                torch.autograd.grad(fn(), ts, do)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - a baseline may not support a shape
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        timed.append((fn, ts, row))
+    rep = args.rep_ms or 100
+    for rnd in range(args.rounds):
+        k = rnd % len(timed)
+        for fn, ts, row in timed[k:] + timed[:k]:
+            if "error" in row:
+                continue
+            try:
+                row.setdefault("fwd_runs", []).append(bench(fn, False, ts, do, rep))
+                if not args.no_bwd:
+                    row.setdefault("fwdbwd_runs", []).append(bench(fn, True, ts, do, rep))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    rows = []
+    for _fn, _ts, row in timed:
+        for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
+            runs = row.get(f"{key}_runs") if "error" not in row else None
+            if runs:
+                row[f"{key}_ms"] = statistics.median(runs)
+                row[f"{key}_tflops"] = mult * fwd_flops / row[f"{key}_ms"] / 1e9
+            if args.rounds == 1 or not runs:
+                row.pop(f"{key}_runs", None)
+        rows.append(row)
+        print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+    return rows
+
+
 FWD_SWEEP = ["128,64,8,3", "128,128,8,3", "128,64,8,4", "128,64,4,3", "64,64,4,3"]
 BWD_SWEEP = ["64,128,8,2;128,64,8,2", "64,128,8,3;128,64,8,3", "64,128,8,1;128,64,8,1", "32,128,4,3;128,32,4,3",
              "64,64,4,3;64,64,4,3", "128,128,8,2;128,128,8,2"]
@@ -344,6 +389,9 @@ def main() -> None:
                     help="time each row for about this long (Triton's do_bench; the median is reported). Default 100 "
                          "(50 in a sweep): one call of a 64k forward+backward, and a sweep's single rows of the same "
                          "kernel differed by up to 15%% at 16k (session 10), so longer windows give steadier medians")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every implementation of a case this many times, in rotated order, and report the "
+                         "median (all are compiled and run once before any timing)")
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_cache is not None:
@@ -403,8 +451,8 @@ def main() -> None:
                 if not args.no_flex and kind != "lambda_qglobal":
                     bm = create_block_mask(flex_mask_mod(case), None, None, L, L, device=dev, _compile=True)
                     impls.append(("flex", lambda bm=bm: flex(q, k, v, block_mask=bm, enable_gqa=Hkv != H), [q, k, v]))
-                for name, fn, ts in impls:
-                    if args.warm_only:  # compile only (see precompile); errors surface in the timed run
+                if args.warm_only:  # compile only (see precompile); errors surface in the timed run
+                    for _name, fn, ts in impls:
                         try:
                             with torch.no_grad():
                                 fn()
@@ -413,20 +461,9 @@ def main() -> None:
                             torch.cuda.synchronize()
                         except Exception:  # noqa: BLE001, S112
                             pass
-                        continue
-                    row = {"D": D, "T": L, "B": B, "H": H, "mask": kind, "density": round(density, 4),
-                           "impl": name}
-                    try:
-                        ms = bench(fn, False, ts, do, args.rep_ms or 100)
-                        row.update(fwd_ms=ms, fwd_tflops=fwd_flops / ms / 1e9)
-                        if not args.no_bwd:
-                            ms2 = bench(fn, True, ts, do, args.rep_ms or 100)
-                            row.update(fwdbwd_ms=ms2, fwdbwd_tflops=3.5 * fwd_flops / ms2 / 1e9)
-                    except Exception as e:  # noqa: BLE001 - a baseline may not support a shape
-                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    rows.append(row)
-                    print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()},
-                          flush=True)
+                    continue
+                rows.extend(time_impls(impls, do, args, {"D": D, "T": L, "B": B, "H": H, "mask": kind,
+                                                         "density": round(density, 4)}, fwd_flops))
                 torch.cuda.empty_cache()
                 if args.out_dir is not None and rows:  # keep what was measured if the run is cut short
                     save_results(f"attention_partial{args.tag}", rows, None, args.out_dir)
@@ -452,7 +489,7 @@ def main() -> None:
                        "error"], title="masked attention, bf16")
     name = torch.cuda.get_device_name(0).lower()
     short = "h100" if "h100" in name else "h200" if "h200" in name else name.split()[-1]
-    meta = {"n_local": N_LOCAL, "n_global": N_GLOBAL, "rep_ms": args.rep_ms or 100,
+    meta = {"n_local": N_LOCAL, "n_global": N_GLOBAL, "rep_ms": args.rep_ms or 100, "rounds": args.rounds,
             "env_extra": env_info().get("device")}
     save_results(f"attention_{short}{args.tag}", rows, meta, args.out_dir)
 
