@@ -30,22 +30,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from longkit.kernels.masked_attn.fwd_ws import _ws_inner  # noqa: E402
 from longkit.kernels.masked_attn.tma_ws import ensure_allocator, flat_rows_desc  # noqa: E402
 
-VARIANTS = {"outer": (True, False, False), "outer_flatten": (True, False, True), "inner": (False, True, False)}
+# (specialise the tile loop, specialise the kv loop, flatten the two, deal out (i, n-1-i) query-block pairs)
+VARIANTS = {"outer": (True, False, False, False), "outer_flatten": (True, False, True, False),
+            "inner": (False, True, False, False), "paired": (True, False, False, True)}
 
 
 @triton.jit
 def _persistent_fwd(Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, sm_scale_log2, GROUP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OUTER_WS: tl.constexpr,
-                    INNER_WS: tl.constexpr, FLATTEN: tl.constexpr):
-    """Causal forward (q_offset 0); tiles head-major, each head's heavy query blocks first, dealt round-robin."""
+                    INNER_WS: tl.constexpr, FLATTEN: tl.constexpr, PAIRED: tl.constexpr):
+    """Causal forward (q_offset 0). Tiles head-major, each head's heavy query blocks first, dealt round-robin; or,
+    ``PAIRED``, pairs of query blocks (n-1-i, i) of one head (each pair costs n+1 kv blocks, so every program's
+    share is equal to within one pair; needs an even number of query blocks), dealt round-robin."""
     q_desc = flat_rows_desc(Q, B * Hq * Tq, HEAD_DIM, BLOCK_M)
     k_desc = flat_rows_desc(K, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
     v_desc = flat_rows_desc(V, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
     n_m = tl.cdiv(Tq, BLOCK_M)
-    for tile in tl.range(tl.program_id(0), n_m * B * Hq, tl.num_programs(0), warp_specialize=OUTER_WS,
-                         flatten=FLATTEN):
-        bh = tile // n_m
-        pid_m = n_m - 1 - (tile - bh * n_m)
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    half = n_m // 2
+    if PAIRED:
+        lo, hi, step = 0, 2 * tl.cdiv(B * Hq * half - pid, n_prog), 1
+    else:
+        lo, hi, step = pid, n_m * B * Hq, n_prog
+    for tile in tl.range(lo, hi, step, warp_specialize=OUTER_WS, flatten=FLATTEN):
+        if PAIRED:
+            pair = pid + (tile // 2) * n_prog
+            bh = pair // half
+            i = pair - bh * half
+            pid_m = tl.where(tile % 2 == 0, n_m - 1 - i, i)
+        else:
+            bh = tile // n_m
+            pid_m = n_m - 1 - (tile - bh * n_m)
         kv_row0 = ((bh // Hq) * Hkv + (bh % Hq) // GROUP) * Tk
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -91,11 +107,14 @@ def one(variant: str, T: int, B: int, H: int, D: int) -> dict:
         out = torch.empty_like(q)
         lse = torch.empty(B, H, T, device="cuda", dtype=torch.float32)
         n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-        ow, iw, fl = VARIANTS[variant]
+        ow, iw, fl, paired = VARIANTS[variant]
+        if paired and triton.cdiv(T, 128) % 2:
+            raise ValueError("the paired order needs an even number of 128-row query blocks")
 
         def fn():  # noqa: ANN202
             _persistent_fwd[(n_sm,)](q, k, v, out, lse, B, H, H, T, T, scale * 1.4426950408889634, GROUP=1,
                                      HEAD_DIM=D, BLOCK_M=128, BLOCK_N=128, OUTER_WS=ow, INNER_WS=iw, FLATTEN=fl,
+                                     PAIRED=paired,
                                      num_warps=4, num_stages=2)
             return out, lse
     got = fn()
