@@ -137,6 +137,15 @@ def bench(fn, grad: bool, tensors: list[torch.Tensor], do: torch.Tensor, rep_ms:
     return triton.testing.do_bench(run, warmup=25, rep=rep_ms, return_mode="median")
 
 
+def run_once(fn, tensors: list[torch.Tensor], do: torch.Tensor, no_bwd: bool) -> None:  # noqa: ANN001
+    """One untimed forward (and forward+backward): compiles whatever ``fn`` compiles."""
+    with torch.no_grad():
+        fn()
+    if not no_bwd:
+        torch.autograd.grad(fn(), tensors, do)
+    torch.cuda.synchronize()
+
+
 def time_impls(impls: list[tuple[str, Any, list[torch.Tensor]]], do: torch.Tensor, args: argparse.Namespace,
                base: dict[str, Any], fwd_flops: float) -> list[dict[str, Any]]:
     """Rows for one case: every implementation is run (and compiled) once first, then timed in ``args.rounds``
@@ -148,11 +157,7 @@ def time_impls(impls: list[tuple[str, Any, list[torch.Tensor]]], do: torch.Tenso
     for name, fn, ts in impls:
         row = {**base, "impl": name}
         try:
-            with torch.no_grad():
-                fn()
-            if not args.no_bwd:
-                torch.autograd.grad(fn(), ts, do)
-            torch.cuda.synchronize()
+            run_once(fn, ts, do, args.no_bwd)
         except Exception as e:  # noqa: BLE001 - a baseline may not support a shape
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         timed.append((fn, ts, row))
@@ -454,11 +459,7 @@ def main() -> None:
                 if args.warm_only:  # compile only (see precompile); errors surface in the timed run
                     for _name, fn, ts in impls:
                         try:
-                            with torch.no_grad():
-                                fn()
-                            if not args.no_bwd:
-                                torch.autograd.grad(fn(), ts, do)
-                            torch.cuda.synchronize()
+                            run_once(fn, ts, do, args.no_bwd)
                         except Exception:  # noqa: BLE001, S112
                             pass
                     continue

@@ -27,7 +27,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from longkit.kernels.masked_attn.fwd_ws import _ws_inner  # noqa: E402
+from longkit.kernels.masked_attn.fwd_ws import _ws_inner, _ws_store  # noqa: E402
 from longkit.kernels.masked_attn.tma_ws import ensure_allocator, flat_rows_desc  # noqa: E402
 
 # (specialise the tile loop, specialise the kv loop, flatten the two, deal out (i, n-1-i) query-block pairs)
@@ -70,17 +70,10 @@ def _persistent_fwd(Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, sm_scale_log2, GROUP:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        # the shipped kernel's kv loop (specialised here only for the "inner" variant)
+        # the shipped kernel's kv loop (specialised here only for the "inner" variant) and epilogue
         acc, l_i, m_i = _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, 0,
                                   tl.cdiv(tl.minimum(Tk, start_m + BLOCK_M), BLOCK_N), HEAD_DIM, BLOCK_N, INNER_WS)
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        row_ok = offs_m < Tq
-        offs_d = tl.arange(0, HEAD_DIM)
-        tl.store(Out + (bh.to(tl.int64) * Tq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+        _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM)
 
 
 def one(variant: str, T: int, B: int, H: int, D: int) -> dict:

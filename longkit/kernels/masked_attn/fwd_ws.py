@@ -44,6 +44,21 @@ def _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, j_l
     return acc, l_i, m_i
 
 
+@triton.jit
+def _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM: tl.constexpr):
+    """Normalise and store a query block's rows ``offs_m`` of head ``bh`` (contiguous ``Out``, natural-log ``LSE``,
+    -inf where a row sees no key). A pointer store: Triton 3.6's warp-specialisation pass fails to compile the kernel
+    with a descriptor store."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    row_ok = offs_m < Tq
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(Out + (bh.to(tl.int64) * Tq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])
 def _fwd_ws_kernel(
     Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, q_offset, sm_scale_log2,
@@ -76,15 +91,7 @@ def _fwd_ws_kernel(
     # one loop without data-dependent branches (an unmasked loop plus a masked one fails to compile)
     acc, l_i, m_i = _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, 0, n_blk,
                               HEAD_DIM, BLOCK_N, WS)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    # a pointer store: Triton 3.6's warp-specialisation pass fails to compile this kernel with a descriptor store
-    row_ok = offs_m < Tq
-    offs_d = tl.arange(0, HEAD_DIM)
-    tl.store(Out + (bh.to(tl.int64) * Tq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+    _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM)
 
 
 def ws_fwd_config() -> dict[str, int]:
