@@ -6,8 +6,8 @@ reports registers and stack per kernel. The launch is specialised the way Triton
 ``launch_stats()`` reports on the device (stack bytes = 4 × Triton's ``n_spills``). Use it to check a kernel
 change for register pressure before spending device time; it says nothing about speed. Triton also reports the
 shared memory each launch needs (``smem``), which must fit the H100/H200's 227 KiB per block. For the
-warp-specialised kernels (``fwd_ws``, ``bwd_dkdv_ws``) ptxas reports the launch's registers per thread; their
-consumer warpgroups raise theirs at run time with ``setmaxnreg`` (232 in the TTGIR at hd 128).
+warp-specialised kernels (``fwd_ws``, ``fwd_ws_paired``, ``bwd_dkdv_ws``) ptxas reports the launch's registers
+per thread; their consumer warpgroups raise theirs at run time with ``setmaxnreg`` (232 in the TTGIR at hd 128).
 
     python benchmarks/kernel_regs.py --hd 128 64 --group 1 4
 """
@@ -125,6 +125,7 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
         # the warp-specialised kernels (Hopper defaults at hd 128 where they apply; LONGKIT_ATTN_WS_FWD / _WS_DKDV)
         if not any(flags.values()):
             kernels.insert(1, ("fwd_ws", fwd_ws._fwd_ws_kernel, fwd_ws.ws_fwd_config(), {"WS": True}))
+            kernels.insert(2, ("fwd_ws_paired", fwd_ws._fwd_ws_paired_kernel, fwd_ws.ws_fwd_config(), {"WS": True}))
         if not flags["HAS_PREFIX"]:
             tma_cfg = dkdv_tma.tma_dkdv_config(head_dim, plain)
             kernels.insert(-1, ("bwd_dkdv_ws", dkdv_tma._bwd_dkdv_ws_kernel,
@@ -149,7 +150,8 @@ def main() -> None:
     ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
     ap.add_argument("--group", type=int, nargs="+", default=[1, 4], help="query heads per kv head (GQA)")
     ap.add_argument("--kernels", nargs="+",
-                    default=["fwd", "fwd_ws", "bwd_dkdv_tma", "bwd_dkdv_ws", "bwd_dkdv", "bwd_dkdv_split",
+                    default=["fwd", "fwd_ws", "fwd_ws_paired", "bwd_dkdv_tma", "bwd_dkdv_ws", "bwd_dkdv",
+                             "bwd_dkdv_split",
                              "bwd_dkdv_sink", "bwd_dq"])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()

@@ -199,6 +199,42 @@ def test_triton_ws_causal_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> N
     _compare(c)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("c", WS_FWD_CASES, ids=str)
+def test_triton_ws_paired_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The specialised forward's persistent pair schedule (3 programs walking query-block pairs; odd block counts
+    compute the middle block twice), forced on: right against the reference, and bit for bit the per-tile
+    schedule's output and lse."""
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "1")
+    _compare(c)
+    inputs = _inputs(c, seed=2)
+    paired = _triton(**inputs, mask=c.mask)
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "0")
+    per_tile = _triton(**inputs, mask=c.mask)
+    for a, b in zip(paired, per_tile):
+        assert torch.equal(a, b)
+
+
+def test_ws_paired_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LONGKIT_ATTN_WS_FWD_PAIRED``: 0/1 only; forced either way it is obeyed; unset, off under the interpreter."""
+    from longkit.kernels.masked_attn import fwd_ws
+
+    monkeypatch.setattr(fwd_ws, "_interpreting", lambda: True)
+    assert not fwd_ws.ws_fwd_paired(4096, 128)
+    monkeypatch.setattr(fwd_ws, "_interpreting", lambda: False)
+    assert fwd_ws.ws_fwd_paired(4096, 128)
+    assert not fwd_ws.ws_fwd_paired(4096 + 128, 128)  # an odd number of blocks would repeat work
+    assert not fwd_ws.ws_fwd_paired(2 * fwd_ws.PAIRED_MAX_TQ, 128)
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "1")
+    assert fwd_ws.ws_fwd_paired(4096 + 128, 128)
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "0")
+    assert not fwd_ws.ws_fwd_paired(4096, 128)
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "auto")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        fwd_ws.ws_fwd_paired(4096, 128)
+
+
 WS_DKDV_CASES = [c for c in CASES if c.mask.prefix_segments is None and c.D in (16, 32, 64, 128)
                  and not (c.mask.cu_seqlens is not None and c.mask.n_local)]
 
@@ -629,6 +665,26 @@ def test_gpu_ws_forward_odd_length(name: str, make, D: int, monkeypatch: pytest.
     multiple of its tile, GQA 2:1: its flattened 2-D descriptors read the next head's rows past a head's end."""
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
     _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("q_offset", [0, 300])
+@pytest.mark.parametrize("T", [1000, 4091, 4224, 16384])
+def test_gpu_ws_paired_equals_per_tile(T: int, q_offset: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The specialised forward's persistent pair schedule gives the per-tile schedule's output and lse bit for bit
+    (hd 128, GQA 4:1, even and odd numbers of query blocks, with and without a query offset). The per-tile kernel
+    is the one checked against the reference above; at T = 4091 the default there is the paired one."""
+    monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
+    g = torch.Generator(device="cuda").manual_seed(T + q_offset)
+    q = torch.randn(2, 8, T - q_offset, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 2, T, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    res = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", flag)
+        res[flag] = masked_attention(q, k, v, mask=causal(q_offset=q_offset), return_lse=True)
+    assert torch.equal(res["0"][0], res["1"][0])
+    assert torch.equal(res["0"][1], res["1"][1])
 
 
 @pytest.mark.gpu

@@ -14,6 +14,9 @@ data-dependent branches, so the causal mask is one compare and select per score 
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -59,25 +62,12 @@ def _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM: tl.constexpr):
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])
-def _fwd_ws_kernel(
-    Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, q_offset, sm_scale_log2,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WS: tl.constexpr,
-):
-    """Program ``(i, b * Hq + h)``: query block ``n_blocks - 1 - i`` (heavy blocks first) of query head ``h``.
-    ``Out`` is contiguous ``[B, Hq, Tq, HEAD_DIM]``; ``LSE`` ``[B, Hq, Tq]`` (natural log, -inf for rows that see
-    no key)."""
-    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    # 2-D descriptors over the flattened rows (tma_ws.py says why); rows read past a head's end are masked
-    q_desc = flat_rows_desc(Q, B * Hq * Tq, HEAD_DIM, BLOCK_M)
-    k_desc = flat_rows_desc(K, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
-    v_desc = flat_rows_desc(V, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
-    kv_row0 = (b * Hkv + hk) * Tk
+@triton.jit
+def _ws_tile(q_desc, k_desc, v_desc, Out, LSE, bh, pid_m, Hq, Hkv, Tq, Tk, q_offset, sm_scale_log2,
+             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             INNER_WS: tl.constexpr):
+    """Query block ``pid_m`` of flattened query head ``bh`` (= b * Hq + h): load q, run the kv loop, store."""
+    kv_row0 = ((bh // Hq) * Hkv + (bh % Hq) // GROUP) * Tk
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     # a row sees keys 0..min(its position, Tk - 1); the mask drops the rows read past Tk (next head's, or zeros)
@@ -90,8 +80,54 @@ def _fwd_ws_kernel(
     # one loop, the mask on every block: Triton 3.6 specialises only a kernel whose every descriptor load sits in
     # one loop without data-dependent branches (an unmasked loop plus a masked one fails to compile)
     acc, l_i, m_i = _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, 0, n_blk,
-                              HEAD_DIM, BLOCK_N, WS)
+                              HEAD_DIM, BLOCK_N, INNER_WS)
     _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])
+def _fwd_ws_kernel(
+    Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, q_offset, sm_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WS: tl.constexpr,
+):
+    """Program ``(i, b * Hq + h)``: query block ``n_blocks - 1 - i`` (heavy blocks first) of query head ``h``.
+    ``Out`` is contiguous ``[B, Hq, Tq, HEAD_DIM]``; ``LSE`` ``[B, Hq, Tq]`` (natural log, -inf for rows that see
+    no key)."""
+    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    # 2-D descriptors over the flattened rows (tma_ws.py says why); rows read past a head's end are masked
+    q_desc = flat_rows_desc(Q, B * Hq * Tq, HEAD_DIM, BLOCK_M)
+    k_desc = flat_rows_desc(K, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    v_desc = flat_rows_desc(V, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    _ws_tile(q_desc, k_desc, v_desc, Out, LSE, bh, pid_m, Hq, Hkv, Tq, Tk, q_offset, sm_scale_log2,
+             GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, WS)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])
+def _fwd_ws_paired_kernel(
+    Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, q_offset, sm_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WS: tl.constexpr,
+):
+    """The same tiles, persistent: program ``p`` of ``P`` walks items ``p, p + P, ...``, item ``i`` of head ``bh``
+    being the query-block pair ``(n - 1 - i, i)``. A pair costs ``n + 1`` kv blocks (plus twice the offset's) whatever
+    ``i``, so every program gets the same work to within one pair, and one program's specialised loop spans all its
+    tiles: the producer loads the next tile's q and k/v while the consumers finish the current one's epilogue. With
+    an odd ``n`` the middle block is its own pair and is computed twice (the same values stored twice)."""
+    q_desc = flat_rows_desc(Q, B * Hq * Tq, HEAD_DIM, BLOCK_M)
+    k_desc = flat_rows_desc(K, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    v_desc = flat_rows_desc(V, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    per_head = (n_m + 1) // 2
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    for t in tl.range(0, 2 * tl.cdiv(B * Hq * per_head - pid, n_prog), warp_specialize=WS):
+        item = pid + (t // 2) * n_prog
+        bh = item // per_head
+        i = item - bh * per_head
+        pid_m = tl.where(t % 2 == 0, n_m - 1 - i, i)
+        _ws_tile(q_desc, k_desc, v_desc, Out, LSE, bh, pid_m, Hq, Hkv, Tq, Tk, q_offset, sm_scale_log2,
+                 GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, False)
 
 
 def ws_fwd_config() -> dict[str, int]:
@@ -112,6 +148,30 @@ def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dic
     return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", q.shape[-1] == 128)
 
 
+# Longest query length at which the persistent pair schedule is the default (from the H200 sweep in BENCHMARKS.md:
+# it gained at short lengths, where the per-tile prologue and epilogue weigh most, and lost at 16k).
+PAIRED_MAX_TQ = 8192
+
+
+def ws_fwd_paired(Tq: int, block_m: int) -> bool:
+    """Whether the specialised forward runs persistent over query-block pairs (``_fwd_ws_paired_kernel``) instead of
+    one program per tile. ``LONGKIT_ATTN_WS_FWD_PAIRED``: ``0`` never, ``1`` always (an odd number of query blocks
+    then computes each head's middle block twice); unset: on a GPU when the number of query blocks is even and
+    ``Tq <= PAIRED_MAX_TQ``, off under the interpreter. Either way the outputs are the same, bit for bit."""
+    env = os.environ.get("LONGKIT_ATTN_WS_FWD_PAIRED")
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"LONGKIT_ATTN_WS_FWD_PAIRED must be 0 or 1, got {env!r}")
+    if env:
+        return env == "1"
+    return not _interpreting() and triton.cdiv(Tq, block_m) % 2 == 0 and Tq <= PAIRED_MAX_TQ
+
+
+@functools.cache
+def _n_programs(device_index: int) -> int:
+    """One persistent program per SM (a 128x128 specialised tile fills an SM's shared memory)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   q_offset: int, scale_log2: float) -> object:
     """Causal forward into contiguous ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``."""
@@ -120,8 +180,15 @@ def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     cfg = ws_fwd_config()
     if q.is_cuda:
         ensure_allocator()
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
-    return _fwd_ws_kernel[grid](
+    n_m = triton.cdiv(Tq, cfg["BLOCK_M"])
+    if ws_fwd_paired(Tq, cfg["BLOCK_M"]):
+        # under the interpreter 3 programs, so that the tests walk several pairs per program
+        n_prog = _n_programs(q.device.index or 0) if q.is_cuda else 3
+        return _fwd_ws_paired_kernel[(min(n_prog, B * Hq * ((n_m + 1) // 2)),)](
+            q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, scale_log2,
+            GROUP=Hq // Hkv, HEAD_DIM=D, WS=not _interpreting(), **cfg,
+        )
+    return _fwd_ws_kernel[(n_m, B * Hq)](
         q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, scale_log2,
         GROUP=Hq // Hkv, HEAD_DIM=D, WS=not _interpreting(), **cfg,
     )
