@@ -148,9 +148,10 @@ def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dic
     return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", q.shape[-1] == 128)
 
 
-# Longest query length at which the persistent pair schedule is the default (from the H200 sweep in BENCHMARKS.md:
-# it gained at short lengths, where the per-tile prologue and epilogue weigh most, and lost at 16k).
-PAIRED_MAX_TQ = 8192
+# Longest query length at which the persistent pair schedule is the default. Same-run H200 sweep, hd 128, forward
+# per tile / paired, mean of two rows each, causal and GQA 4:1 (attention_sweep_h200_paired_fwd_*.json): 2k 1.09-1.12x,
+# 4k 1.01-1.03x, 8k 0.99-1.02x, 16k 0.96-1.00x. It pays where the per-tile prologue and epilogue weigh most.
+PAIRED_MAX_TQ = 4096
 
 
 def ws_fwd_paired(Tq: int, block_m: int) -> bool:
