@@ -49,3 +49,27 @@ def test_rounds_rotate_the_order_and_report_medians(monkeypatch: pytest.MonkeyPa
     args.rounds = 1
     rows = attention.time_impls(impls[:2], torch.ones(2, 3), args, {}, 1e9)
     assert all("fwd_runs" not in r and "fwd_ms" in r for r in rows)
+
+
+def test_limits_arithmetic() -> None:
+    """benchmarks/attention_limits.py on a made-up run: rates per executed product, what 1.2x Flex needs, and the
+    cuDNN yardstick taken from the causal row of the same shape."""
+    limits = pytest.importorskip("attention_limits")
+    # forward: 2 products over visible pairs of 1e12 FLOP each (2e12 counted) in 4 ms -> 500 TFLOP/s
+    rows = [{"D": 128, "T": 4096, "mask": "lambda", "impl": "longkit", "fwd_ms": 4.0, "fwd_tflops": 500.0,
+             "fwdbwd_ms": 18.0},
+            {"D": 128, "T": 4096, "mask": "lambda", "impl": "flex", "fwd_ms": 5.0, "fwd_tflops": 400.0,
+             "fwdbwd_ms": 24.0},
+            {"D": 128, "T": 4096, "mask": "causal", "impl": "sdpa_cudnn", "fwd_ms": 2.0, "fwd_tflops": 600.0,
+             "fwdbwd_ms": 7.0},
+            {"D": 64, "T": 4096, "mask": "lambda", "impl": "longkit", "fwd_ms": 1.0, "fwd_tflops": 1.0,
+             "fwdbwd_ms": 2.0}]  # no Flex row in this run: no output row
+    (row,) = limits.limits(rows, "made_up.json")
+    assert (row["D"], row["mask"], row["source"]) == (128, "lambda", "made_up.json")
+    assert row["bwd_ms"] == 14.0 and row["flex_bwd_ms"] == 19.0
+    assert row["bwd_rate"] == 500.0  # 7 products x 1e12 FLOP in 14 ms
+    assert row["bwd_ms_for_goal"] == 16.0  # 24 / 1.2 - 4
+    assert row["bwd_rate_for_goal"] == 437.5
+    assert row["fwd_tflops_for_goal"] == 480.0
+    # cuDNN: 2 x 0.6e12 FLOP per product, 5 products in 5 ms
+    assert row["cudnn_fwd_tflops"] == 600.0 and row["cudnn_bwd_rate"] == 600.0
