@@ -70,6 +70,9 @@ CASES = [
     Case("window_nosink", sink_window(0, 20), Tq=50, Tk=50),
     Case("sink_window_offset", sink_window(3, 10, q_offset=50), Tq=20, Tk=70),
     Case("sink_window", sink_window(4, 16), Hq=4, Hkv=2, Tq=63, Tk=63, use_global=True),
+    # every window reaches key 0 (q_offset + Tq <= n_local): the launchers run the causal kernels
+    Case("window_covers_all", sink_window(4, 50), Hq=4, Hkv=2, Tq=50, Tk=50, use_global=True),
+    Case("window_covers_all_offset", sink_window(2, 40, q_offset=8), Tq=32, Tk=40),
     Case("sink_window_offset", sink_window(20, 9, q_offset=40), Tq=30, Tk=70, use_global=True),
     Case("documents", documents(CU), Tq=60, Tk=60),
     Case("documents_sink", documents(CU) & sink_window(2, 7), Tq=60, Tk=60),
@@ -233,6 +236,23 @@ def test_ws_paired_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "auto")
     with pytest.raises(ValueError, match="must be 0 or 1"):
         fwd_ws.ws_fwd_paired(4096, 128)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("use_global", [False, True])
+def test_window_covering_every_key_runs_causal(use_global: bool) -> None:
+    """A Λ mask whose windows all reach key 0 gives causal attention's outputs and gradients bit for bit (the
+    launchers run the causal kernels), and with the distance limit zero q_global / k_global gradients."""
+    c = Case("w", sink_window(4, 45, q_offset=5), Hq=4, Hkv=2, Tq=40, Tk=45, use_global=use_global)
+    inputs = _inputs(c, seed=3)
+    grad_out = torch.randn(c.B, c.Hq, c.Tq, c.D)
+    lam = _run(_triton, inputs, c.mask, grad_out)
+    plain = {n: t for n, t in inputs.items() if n in ("q", "k", "v")}
+    cau = _run(_triton, plain, causal(q_offset=5), grad_out)
+    for name, t in cau.items():
+        assert torch.equal(lam[name], t), name
+    if use_global:
+        assert not lam["dq_global"].any() and not lam["dk_global"].any()
 
 
 WS_DKDV_CASES = [c for c in CASES if c.mask.prefix_segments is None and c.D in (16, 32, 64, 128)

@@ -908,6 +908,14 @@ def _flags(n_local: int, cu_seqlens: torch.Tensor | None, segments: torch.Tensor
             "HAS_PREFIX": segments is not None, "USE_GLOBAL": q_global is not None}
 
 
+def _window_covers_all(q_offset: int, Tq: int, n_local: int) -> bool:
+    """Whether every query's window reaches back to key 0 (``q_offset + Tq <= n_local``). The Λ mask is then plain
+    causal: the sinks lie inside every window, and the distance limit's global branch scores no pair. The
+    launchers then run the causal kernels (their tiles and, on Hopper, the specialised forward): LM-Infinite on
+    inputs shorter than its window pays no more than causal attention."""
+    return 0 < n_local and q_offset + Tq <= n_local
+
+
 def _fast_path() -> bool:
     return os.environ.get("LONGKIT_ATTN_FAST_PATH", "1") != "0"
 
@@ -1058,6 +1066,9 @@ def flash_masked_attention_fwd(
     q, k, v, q_global, k_global = _last_dim_contig(q, k, v, q_global, k_global)
     B, Hq, Tq, D = q.shape
     check_grid(B, Hq)
+    if _window_covers_all(q_offset, Tq, n_local):
+        q_global = k_global = None
+        n_global = n_local = 0
     Hkv, Tk = k.shape[1], k.shape[2]
     out = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
@@ -1095,6 +1106,13 @@ def flash_masked_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Deterministic backward. Returns ``(dq, dk, dv, dq_global, dk_global)`` (the last two None
     without the distance limit); gradients in the input dtypes, contiguous."""
+    if _window_covers_all(q_offset, q.shape[2], n_local):  # causal, as in the forward
+        dq, dk, dv, _, _ = flash_masked_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, None, None, cu_seqlens,
+                                                      segments, q_offset, 0, 0, scale)
+        if q_global is None:
+            return dq, dk, dv, None, None
+        zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q_global, k_global)]
+        return dq, dk, dv, *zeros
     q, k, v, q_global, k_global, grad_out = _last_dim_contig(q, k, v, q_global, k_global, grad_out)
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
