@@ -126,6 +126,9 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
         if not any(flags.values()):
             kernels.insert(1, ("fwd_ws", fwd_ws._fwd_ws_kernel, fwd_ws.ws_fwd_config(), {"WS": True}))
             kernels.insert(2, ("fwd_ws_paired", fwd_ws._fwd_ws_paired_kernel, fwd_ws.ws_fwd_config(), {"WS": True}))
+        elif not (flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"]):  # Λ with sinks
+            kernels.insert(1, ("fwd_ws", fwd_ws._fwd_ws_window_kernel, fwd_ws.ws_fwd_config(),
+                               {"WS": True, "HAS_SINKS": True}))
         if not flags["HAS_PREFIX"]:
             tma_cfg = dkdv_tma.tma_dkdv_config(head_dim, plain)
             kernels.insert(-1, ("bwd_dkdv_ws", dkdv_tma._bwd_dkdv_ws_kernel,

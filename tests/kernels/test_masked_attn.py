@@ -190,20 +190,21 @@ def test_triton_other_kv_loop_structure(c: Case, monkeypatch: pytest.MonkeyPatch
     _compare(c)
 
 
-WS_FWD_CASES = [c for c in CASES if c.name.startswith("causal") and c.D in (16, 32, 64, 128)]
+WS_FWD_CASES = [c for c in CASES if c.mask.cu_seqlens is None and c.mask.prefix_segments is None
+                and not c.use_global and c.D in (16, 32, 64, 128)]
 
 
 @needs_interpreter
 @pytest.mark.parametrize("c", WS_FWD_CASES, ids=str)
 def test_triton_ws_causal_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The warp-specialised causal forward (``fwd_ws.py``, the Hopper default for plain causal masks), forced on;
-    the backward then uses its lse and output."""
+    """The warp-specialised forward (``fwd_ws.py``, the Hopper default at hd 128 for causal and Λ masks), forced on:
+    causal, GQA, offsets, and Λ with and without sinks; the backward then uses its lse and output."""
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
     _compare(c)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("c", WS_FWD_CASES, ids=str)
+@pytest.mark.parametrize("c", [c for c in WS_FWD_CASES if c.mask.n_local is None], ids=str)
 def test_triton_ws_paired_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     """The specialised forward's persistent pair schedule (3 programs walking query-block pairs; odd block counts
     compute the middle block twice), forced on: right against the reference, and bit for bit the per-tile
@@ -306,8 +307,11 @@ def test_ws_forward_switch() -> None:
         assert not ws_fwd_enabled(x, x, x, plain)
         mp.setenv("LONGKIT_ATTN_WS_FWD", "1")
         assert ws_fwd_enabled(x, x, x, plain)
-        with pytest.raises(ValueError, match="not plain causal"):
-            ws_fwd_enabled(x, x, x, _flags(8, None, None, None))
+        assert ws_fwd_enabled(x, x, x, _flags(8, None, None, None), n_global=4)  # Λ
+        with pytest.raises(ValueError, match="documents, a shared prefix or the distance limit"):
+            ws_fwd_enabled(x, x, x, _flags(8, torch.tensor([0, 9]), None, None))
+        with pytest.raises(ValueError, match="more than the 16 keys of a kv block"):  # the interpreter's tiles
+            ws_fwd_enabled(x, x, x, _flags(8, None, None, None), n_global=17)
         with pytest.raises(ValueError, match="head dim 24"):
             ws_fwd_enabled(*(torch.randn(1, 2, 9, 24),) * 3, plain)
         with pytest.raises(ValueError, match="contiguous"):
@@ -676,13 +680,18 @@ def test_gpu_variants_odd_length_hf_layout(name: str, make, D: int, variant: str
     _gpu_vs_reference(name, make, D, 4091, hf_layout=True)
 
 
+WS_FWD_GPU_CASES = [*GPU_CASES[:2], ("lambda", lambda T: sink_window(4, T // 4)),
+                    ("lambda_offset", lambda T: sink_window(4, T // 4, q_offset=T // 2)),
+                    ("window_only", lambda T: sink_window(0, 700))]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("name,make", GPU_CASES[:2], ids=[n for n, _ in GPU_CASES[:2]])
+@pytest.mark.parametrize("name,make", WS_FWD_GPU_CASES, ids=[n for n, _ in WS_FWD_GPU_CASES])
 def test_gpu_ws_forward_odd_length(name: str, make, D: int, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    """The warp-specialised causal forward forced on (the default at hd 128 on Hopper) at a length that is no
-    multiple of its tile, GQA 2:1: its flattened 2-D descriptors read the next head's rows past a head's end."""
+    """The warp-specialised forward forced on (the default at hd 128 on Hopper), causal and Λ, at a length that is
+    no multiple of its tile, GQA 2:1: its flattened 2-D descriptors read the next head's rows past a head's end."""
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
     _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
 

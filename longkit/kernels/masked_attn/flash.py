@@ -1081,8 +1081,8 @@ def flash_masked_attention_fwd(
     flags = _flags(n_local, cu_seqlens, segments, q_global)
     from .fwd_ws import launch_ws_fwd, ws_fwd_enabled  # imports this module's helpers
 
-    if ws_fwd_enabled(q, k, v, flags):  # Hopper, plain causal: TMA loads and a producer warp (fwd_ws.py)
-        LAST_LAUNCH["fwd"] = launch_ws_fwd(q, k, v, out, lse, q_offset, scale * _LOG2E)
+    if ws_fwd_enabled(q, k, v, flags, n_global):  # Hopper, causal or Λ: TMA loads and a producer warp (fwd_ws.py)
+        LAST_LAUNCH["fwd"] = launch_ws_fwd(q, k, v, out, lse, q_offset, scale * _LOG2E, n_global, n_local)
         return out, lse
     cfg = _fwd_config(D, flags)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)

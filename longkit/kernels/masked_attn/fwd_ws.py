@@ -1,7 +1,7 @@
-"""Causal forward on Hopper with TMA loads and warp specialisation (plain causal and GQA masks only).
+"""Causal and Λ forward on Hopper with TMA loads and warp specialisation (plain causal, GQA and sink + window masks).
 
-Same math and outputs as :func:`flash._fwd_kernel` restricted to the causal mask (``q_offset`` included): no
-window, documents, shared prefix or q_global. Why a second kernel: an ``ncu`` profile of the hd 128 × 4k causal
+Same math and outputs as :func:`flash._fwd_kernel` restricted to the causal and Λ masks (``q_offset`` included):
+no documents, shared prefix or q_global. Why a second kernel: an ``ncu`` profile of the hd 128 × 4k causal
 forward (H200, ``docs/kernel_notes.md``) put 23% of the pointer kernel's warp time outside its unmasked kv loop
 (loading q, filling the software pipeline, the diagonal block, the epilogue), at one CTA per SM with nothing to
 overlap it, and 16 ``cp.async`` plus their address arithmetic inside every iteration. Here every load is a TMA
@@ -130,6 +130,80 @@ def _fwd_ws_paired_kernel(
                  GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, False)
 
 
+@triton.jit
+def _interval(lo, hi):
+    """Per-row key interval ``lo .. hi`` as ``(lo, span)`` for :func:`_ws_window_inner`; an empty one (``hi < lo``)
+    as a start no key reaches."""
+    dead = hi < lo
+    return tl.where(dead, 1 << 30, lo), tl.where(dead, 0, hi - lo)
+
+
+@triton.jit
+def _ws_window_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, sm_scale_log2, j_lo, j_hi, lo_w, span_w, lo_s,
+                     span_s, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     WS: tl.constexpr):
+    """Online softmax over the window's kv blocks ``[j_lo, j_hi)``, keys ``lo_w .. lo_w + span_w`` per row, preceded
+    (``HAS_SINKS``) by kv block 0 with keys ``lo_s .. lo_s + span_s`` (the sinks outside each row's window). One
+    subtraction and one unsigned compare per score: Triton 3.6 specialises one loop with no branch, so the mask runs
+    on every block, and a tile of sinks before the loop fails in its pass."""
+    for it in tl.range(j_lo - HAS_SINKS, j_hi, warp_specialize=WS):
+        sink = it < j_lo
+        start_n = tl.where(sink, 0, it * BLOCK_N)
+        lo = tl.where(sink, lo_s, lo_w)
+        span = tl.where(sink, span_s, span_w)
+        k = k_desc.load([kv_row0 + start_n, 0])
+        s = tl.dot(q, k.T)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        vis = (tl.cast(offs_n[None, :] - lo[:, None], tl.uint32, bitcast=True)
+               <= tl.cast(span[:, None], tl.uint32, bitcast=True))
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s * sm_scale_log2 - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([kv_row0 + start_n, 0])
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "n_global", "n_local"])
+def _fwd_ws_window_kernel(
+    Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, q_offset, n_global, n_local, sm_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SINKS: tl.constexpr, WS: tl.constexpr,
+):
+    """The Λ mask (``n_global`` sinks, a window of ``n_local`` keys), program ``(i, b * Hq + h)`` as in
+    :func:`_fwd_ws_kernel`. Session 10's specialised Λ forward (slower than the pointer kernel) applied the whole
+    mask, three compares, on every score; here each row's visible keys in a block are one interval: the window's
+    ``pos - n_local + 1 .. pos`` in the window's blocks, and in a leading pass over block 0 the sinks outside the
+    window, ``0 .. min(n_global - 1, pos - n_local)``."""
+    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    q_desc = flat_rows_desc(Q, B * Hq * Tq, HEAD_DIM, BLOCK_M)
+    k_desc = flat_rows_desc(K, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    v_desc = flat_rows_desc(V, B * Hkv * Tk, HEAD_DIM, BLOCK_N)
+    kv_row0 = ((bh // Hq) * Hkv + (bh % Hq) // GROUP) * Tk
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pos = q_offset + offs_m
+    # keys past Tk are never visible (a flattened descriptor reads the next head's rows there)
+    lim = tl.minimum(pos, Tk - 1)
+    lo_w, span_w = _interval(pos - n_local + 1, lim)
+    lo_s, span_s = _interval(pos * 0, tl.minimum(tl.minimum(pos - n_local, n_global - 1), lim))
+    q = q_desc.load([bh * Tq + start_m, 0])
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    j_lo = tl.maximum(q_offset + start_m - n_local + 1, 0) // BLOCK_N
+    j_hi = tl.cdiv(tl.maximum(tl.minimum(Tk, q_offset + start_m + BLOCK_M), 0), BLOCK_N)
+    acc, l_i, m_i = _ws_window_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, sm_scale_log2, j_lo, j_hi,
+                                     lo_w, span_w, lo_s, span_s, HAS_SINKS, HEAD_DIM, BLOCK_N, WS)
+    _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM)
+
+
 def ws_fwd_config() -> dict[str, int]:
     """Tiles: 128×128 on 4 warps (two consumer warpgroups and the producer the pass adds), 2 stages. Fixed on
     purpose: on the H200 (Triton 3.6) the 3-stage and 64-wide kv-tile variants compiled, ran, and returned NaN
@@ -139,13 +213,25 @@ def ws_fwd_config() -> dict[str, int]:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 
 
-def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool]) -> bool:
-    """Whether the warp-specialised causal forward runs: plain causal / GQA masks, contiguous aligned inputs, head
-    dims 16-128 (powers of two); by default on Hopper at head dim 128 only (at 64 it was 1.15-1.29x slower than
-    the pointer kernel in the same H200 sweep). ``LONGKIT_ATTN_WS_FWD``: see :func:`tma_ws.ws_switch`."""
-    problem = "the mask is not plain causal (window, documents, shared prefix or q_global)" if any(flags.values()) \
-        else None
-    return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", q.shape[-1] == 128)
+# Whether the Λ mask takes the specialised forward by default at hd 128 (from the H200 sweep in BENCHMARKS.md)
+WINDOW_DEFAULT = True
+
+
+def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool],
+                   n_global: int = 0) -> bool:
+    """Whether the warp-specialised forward runs: plain causal / GQA masks and the Λ mask (sinks and a window, no
+    documents, shared prefix or distance limit, at most one kv block of sinks: 128), contiguous aligned inputs,
+    head dims 16-128 (powers of two); by default on Hopper at head dim 128 only (at 64 it was 1.15-1.29x slower than
+    the pointer kernel in the same H200 sweep), for Λ when ``WINDOW_DEFAULT``. ``LONGKIT_ATTN_WS_FWD``: see
+    :func:`tma_ws.ws_switch`."""
+    problem = None
+    if flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"]:
+        problem = "the mask has documents, a shared prefix or the distance limit (q_global)"
+    elif flags["HAS_WINDOW"] and n_global > ws_fwd_config()["BLOCK_N"]:
+        # its sink pass reads kv block 0 only
+        problem = f"the Λ mask has {n_global} sinks, more than the {ws_fwd_config()['BLOCK_N']} keys of a kv block"
+    default = q.shape[-1] == 128 and (WINDOW_DEFAULT or not flags["HAS_WINDOW"])
+    return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", default)
 
 
 # Longest query length at which the persistent pair schedule is the default. Same-run H200 sweep, hd 128, forward
@@ -174,14 +260,20 @@ def _n_programs(device_index: int) -> int:
 
 
 def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  q_offset: int, scale_log2: float) -> object:
-    """Causal forward into contiguous ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``."""
+                  q_offset: int, scale_log2: float, n_global: int = 0, n_local: int = 0) -> object:
+    """Causal forward (``n_local <= 0``) or Λ forward into contiguous ``out [B, Hq, Tq, D]`` and
+    ``lse [B, Hq, Tq]``."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cfg = ws_fwd_config()
     if q.is_cuda:
         ensure_allocator()
     n_m = triton.cdiv(Tq, cfg["BLOCK_M"])
+    if n_local > 0:
+        return _fwd_ws_window_kernel[(n_m, B * Hq)](
+            q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, n_global, n_local, scale_log2,
+            GROUP=Hq // Hkv, HEAD_DIM=D, HAS_SINKS=n_global > 0, WS=not _interpreting(), **cfg,
+        )
     if ws_fwd_paired(Tq, cfg["BLOCK_M"]):
         # under the interpreter 3 programs, so that the tests walk several pairs per program
         n_prog = _n_programs(q.device.index or 0) if q.is_cuda else 3
