@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._harness import RESULTS_DIR, print_table, save_results  # noqa: E402
 
 DEFAULT_RUNS = [
-    "attention_h200_hd128_wsdkdv.json", "attention_h200_hd128_4k_paired.json",
+    "attention_h200_hd128_wsdkdv.json", "attention_h200_hd128_4k_paired.json", "attention_h200_hd128_lambda_s11.json",
     "attention_h200_hd128_docs_prefix_s10.json", "attention_h200_hd128_16k_merged.json",
     "attention_h200_hd64_s10.json", "attention_h200_hd64_16k_merged.json",
 ]
