@@ -29,7 +29,7 @@ from benchmarks._harness import RESULTS_DIR, print_table, save_results  # noqa: 
 DEFAULT_RUNS = [
     "attention_h200_hd128_wsdkdv.json", "attention_h200_hd128_4k_paired.json", "attention_h200_hd128_lambda_s11.json",
     "attention_h200_hd128_docs_prefix_s10.json", "attention_h200_hd128_16k_merged.json",
-    "attention_h200_hd64_s10.json", "attention_h200_hd64_16k_merged.json",
+    "attention_h200_hd64_s10.json", "attention_h200_hd64_16k_merged.json", "attention_h200_hd64_4k_lambda_s11.json",
 ]
 PRODUCTS = {"longkit": 7, "flex": 7, "sdpa_cudnn": 5}
 GOAL = 1.2
