@@ -36,7 +36,7 @@ MASKS = {
     "shared_prefix": {"HAS_PREFIX": True},
 }
 FLOAT_PTRS = {"LSE", "DELTA", "DLSE", "LSE2", "DELTA2"}
-INT_PTRS = {"MQ", "MK", "MQ2", "TILES"}
+INT_PTRS = {"MQ", "MK", "MQ2"}
 
 
 def _tma_descs(cfg: dict, block_d: int, dtype: str, flags: dict) -> dict[str, str]:
@@ -129,8 +129,6 @@ def kernel_rows(head_dim: int, mask: str, group: int) -> list[dict]:
         elif not (flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"]):  # Λ with sinks
             kernels.insert(1, ("fwd_ws", fwd_ws._fwd_ws_window_kernel, fwd_ws.ws_fwd_config(),
                                {"WS": True, "HAS_SINKS": True}))
-        elif flags["HAS_DOCS"] and not (flags["HAS_WINDOW"] or flags["HAS_PREFIX"]):  # packed documents
-            kernels.insert(1, ("fwd_ws", fwd_ws._fwd_ws_docs_kernel, fwd_ws.ws_fwd_config(), {"WS": True}))
         if not flags["HAS_PREFIX"]:
             tma_cfg = dkdv_tma.tma_dkdv_config(head_dim, plain)
             kernels.insert(-1, ("bwd_dkdv_ws", dkdv_tma._bwd_dkdv_ws_kernel,

@@ -190,16 +190,15 @@ def test_triton_other_kv_loop_structure(c: Case, monkeypatch: pytest.MonkeyPatch
     _compare(c)
 
 
-WS_FWD_CASES = [c for c in CASES if not (c.mask.cu_seqlens is not None and c.mask.n_local)
-                and c.mask.prefix_segments is None and not c.use_global and c.D in (16, 32, 64, 128)]
+WS_FWD_CASES = [c for c in CASES if c.mask.cu_seqlens is None and c.mask.prefix_segments is None
+                and not c.use_global and c.D in (16, 32, 64, 128)]
 
 
 @needs_interpreter
 @pytest.mark.parametrize("c", WS_FWD_CASES, ids=str)
 def test_triton_ws_causal_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The warp-specialised forward (``fwd_ws.py``, the Hopper default at hd 128 for causal, Λ and documents),
-    forced on: causal, GQA, offsets, Λ with and without sinks, packed documents (empty and one-token ones too); the
-    backward then uses its lse and output."""
+    """The warp-specialised forward (``fwd_ws.py``, the Hopper default at hd 128 for causal and Λ masks), forced on:
+    causal, GQA, offsets, and Λ with and without sinks; the backward then uses its lse and output."""
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
     _compare(c)
 
@@ -257,32 +256,6 @@ def test_window_covering_every_key_runs_causal(use_global: bool) -> None:
         assert not lam["dq_global"].any() and not lam["dk_global"].any()
 
 
-@pytest.mark.parametrize("block_m", [4, 16])
-def test_doc_tiles_cover_each_row_once(block_m: int) -> None:
-    """``fwd_ws.doc_tiles``: every row of every document lies in exactly one tile, each tile inside one document
-    (empty and one-token documents included), the longest kv extent first, spare tiles empty."""
-    from longkit.kernels.masked_attn.fwd_ws import doc_tiles
-
-    cu = torch.tensor([0, 5, 5, 6, 30, 60, 61])
-    T = 61
-    tiles = doc_tiles(cu, T, block_m)
-    assert tiles.dtype == torch.int32 and tiles.shape == (-(-T // block_m) + 6, 3)
-    owner = torch.full((T,), -1)
-    extents = []
-    for i, (q0, d0, d1) in enumerate(tiles.tolist()):
-        if q0 == T:
-            assert d0 == d1 == T
-            continue
-        doc = int(torch.searchsorted(cu, q0, right=True)) - 1
-        assert (d0, d1) == (int(cu[doc]), int(cu[doc + 1])) and d0 <= q0 < d1
-        rows = torch.arange(q0, min(q0 + block_m, d1))
-        assert (owner[rows] == -1).all()
-        owner[rows] = i
-        extents.append(min(q0 + block_m, d1) - d0)
-    assert (owner >= 0).all()
-    assert extents == sorted(extents, reverse=True)
-
-
 WS_DKDV_CASES = [c for c in CASES if c.mask.prefix_segments is None and c.D in (16, 32, 64, 128)
                  and not (c.mask.cu_seqlens is not None and c.mask.n_local)]
 
@@ -335,11 +308,8 @@ def test_ws_forward_switch() -> None:
         mp.setenv("LONGKIT_ATTN_WS_FWD", "1")
         assert ws_fwd_enabled(x, x, x, plain)
         assert ws_fwd_enabled(x, x, x, _flags(8, None, None, None), n_global=4)  # Λ
-        assert ws_fwd_enabled(x, x, x, _flags(0, torch.tensor([0, 9]), None, None))  # documents
-        with pytest.raises(ValueError, match="documents and a window"):
+        with pytest.raises(ValueError, match="documents, a shared prefix or the distance limit"):
             ws_fwd_enabled(x, x, x, _flags(8, torch.tensor([0, 9]), None, None))
-        with pytest.raises(ValueError, match="shared prefix or the distance limit"):
-            ws_fwd_enabled(x, x, x, _flags(0, None, torch.tensor([[2, 5]]), None))
         with pytest.raises(ValueError, match="more than the 16 keys of a kv block"):  # the interpreter's tiles
             ws_fwd_enabled(x, x, x, _flags(8, None, None, None), n_global=17)
         with pytest.raises(ValueError, match="head dim 24"):
@@ -710,7 +680,7 @@ def test_gpu_variants_odd_length_hf_layout(name: str, make, D: int, variant: str
     _gpu_vs_reference(name, make, D, 4091, hf_layout=True)
 
 
-WS_FWD_GPU_CASES = [*GPU_CASES[:2], GPU_CASES[3], ("lambda", lambda T: sink_window(4, T // 4)),
+WS_FWD_GPU_CASES = [*GPU_CASES[:2], ("lambda", lambda T: sink_window(4, T // 4)),
                     ("lambda_offset", lambda T: sink_window(4, T // 4, q_offset=T // 2)),
                     ("window_only", lambda T: sink_window(0, 700))]
 
@@ -720,9 +690,8 @@ WS_FWD_GPU_CASES = [*GPU_CASES[:2], GPU_CASES[3], ("lambda", lambda T: sink_wind
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("name,make", WS_FWD_GPU_CASES, ids=[n for n, _ in WS_FWD_GPU_CASES])
 def test_gpu_ws_forward_odd_length(name: str, make, D: int, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    """The warp-specialised forward forced on (the default at hd 128 on Hopper), causal, documents and Λ, at a
-    length that is no multiple of its tile, GQA 2:1: its flattened 2-D descriptors read the next head's rows past a
-    head's end."""
+    """The warp-specialised forward forced on (the default at hd 128 on Hopper), causal and Λ, at a length that is
+    no multiple of its tile, GQA 2:1: its flattened 2-D descriptors read the next head's rows past a head's end."""
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD", "1")
     _gpu_vs_reference(name, make, D, 4091, hf_layout=False)
 

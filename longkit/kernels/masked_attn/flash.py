@@ -829,40 +829,34 @@ _TABLE_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
 _TABLE_CACHE_SIZE = 8
 
 
-def memo_on_tensors(tensors: tuple[torch.Tensor | None, ...], key: tuple, build):  # noqa: ANN001, ANN201
-    """``build()``, memoised on the very ``tensors`` objects (weak references, so a freed tensor whose memory is
-    reused never hits), their in-place modification counters and ``key``. At most ``_TABLE_CACHE_SIZE`` entries;
-    the oldest are dropped."""
-    versions = tuple(tensor_version(t) for t in tensors)
-    full_key = (*key, *(id(t) for t in tensors))
-    hit = _TABLE_CACHE.get(full_key)
-    if hit is not None and None not in versions:
-        refs, cached_versions, value = hit
-        same = all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
-        if same and cached_versions == versions:
-            _TABLE_CACHE.move_to_end(full_key)
-            return value
-    value = build()
-    if None not in versions:
-        refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
-        _TABLE_CACHE[full_key] = (refs, versions, value)
-        _TABLE_CACHE.move_to_end(full_key)
-        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    return value
-
-
 def mask_tables(
     batch: int, tq: int, tk: int, q_offset: int, cu_seqlens: torch.Tensor | None,
     segments: torch.Tensor | None, device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`build_mask_tables`, memoised on the very ``cu_seqlens`` / ``segments`` tensor objects and their
-    in-place modification counters (:func:`memo_on_tensors`). Every layer of a model, forward and backward, passes
-    the same mask tensors: the tables (about ten small kernels) are then built once."""
+    """:func:`build_mask_tables`, memoised on the very ``cu_seqlens`` / ``segments`` tensor objects (weak
+    references, so a freed tensor whose memory is reused never hits) and their in-place modification counters.
+    Every layer of a model, forward and backward, passes the same mask tensors: the tables (about ten small
+    kernels) are then built once. At most ``_TABLE_CACHE_SIZE`` entries; tables of the oldest are dropped."""
     if cu_seqlens is None and segments is None:
         return build_mask_tables(batch, tq, tk, q_offset, cu_seqlens, segments, device)
-    return memo_on_tensors((cu_seqlens, segments), ("tables", batch, tq, tk, q_offset, str(device)),
-                           lambda: build_mask_tables(batch, tq, tk, q_offset, cu_seqlens, segments, device))
+    versions = (tensor_version(cu_seqlens), tensor_version(segments))
+    key = (batch, tq, tk, q_offset, str(device), id(cu_seqlens), id(segments))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None and None not in versions:
+        refs, cached_versions, tables = hit
+        same = all((r is None and t is None) or (r is not None and r() is t)
+                   for r, t in zip(refs, (cu_seqlens, segments)))
+        if same and cached_versions == versions:
+            _TABLE_CACHE.move_to_end(key)
+            return tables
+    tables = build_mask_tables(batch, tq, tk, q_offset, cu_seqlens, segments, device)
+    if None not in versions:
+        refs = tuple(weakref.ref(t) if t is not None else None for t in (cu_seqlens, segments))
+        _TABLE_CACHE[key] = (refs, versions, tables)
+        _TABLE_CACHE.move_to_end(key)
+        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    return tables
 
 
 def build_mask_tables(
@@ -1088,8 +1082,7 @@ def flash_masked_attention_fwd(
     from .fwd_ws import launch_ws_fwd, ws_fwd_enabled  # imports this module's helpers
 
     if ws_fwd_enabled(q, k, v, flags, n_global):  # Hopper, causal or Λ: TMA loads and a producer warp (fwd_ws.py)
-        LAST_LAUNCH["fwd"] = launch_ws_fwd(q, k, v, out, lse, q_offset, scale * _LOG2E, n_global, n_local,
-                                           cu_seqlens)
+        LAST_LAUNCH["fwd"] = launch_ws_fwd(q, k, v, out, lse, q_offset, scale * _LOG2E, n_global, n_local)
         return out, lse
     cfg = _fwd_config(D, flags)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _interpreting, memo_on_tensors
+from .flash import _interpreting
 from .tma_ws import ensure_allocator, flat_rows_desc, ws_switch
 
 
@@ -48,14 +48,14 @@ def _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, j_l
 
 
 @triton.jit
-def _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM: tl.constexpr, row_end=None):
+def _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM: tl.constexpr):
     """Normalise and store a query block's rows ``offs_m`` of head ``bh`` (contiguous ``Out``, natural-log ``LSE``,
-    -inf where a row sees no key), those before ``row_end`` (default ``Tq``). A pointer store: Triton 3.6's
-    warp-specialisation pass fails to compile the kernel with a descriptor store."""
+    -inf where a row sees no key). A pointer store: Triton 3.6's warp-specialisation pass fails to compile the kernel
+    with a descriptor store."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    row_ok = offs_m < (Tq if row_end is None else row_end)
+    row_ok = offs_m < Tq
     offs_d = tl.arange(0, HEAD_DIM)
     tl.store(Out + (bh.to(tl.int64) * Tq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
@@ -204,60 +204,6 @@ def _fwd_ws_window_kernel(
     _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _fwd_ws_docs_kernel(
-    Q, K, V, Out, LSE, TILES, B, Hq, Hkv, T, sm_scale_log2,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr,
-):
-    """Packed documents (B = 1, ``Tq == Tk == T``), program ``(i, h)``: tile ``i`` of :func:`doc_tiles`, query rows
-    ``q_start ..`` of one document ``[doc_start, doc_end)``, as variable-length FlashAttention tiles them. Each row
-    then sees one key interval with a per-tile start, ``doc_start .. pos``; rows past the document's end belong to
-    the next one and are not stored. Why tiles: the pointer kernel's per-row document tables cannot be read in
-    Triton 3.6's specialised loop, nor loaded as rows before it (both fail in its pass); three scalars per tile can."""
-    q_start = tl.load(TILES + 3 * tl.program_id(0))
-    d_start = tl.load(TILES + 3 * tl.program_id(0) + 1)
-    d_end = tl.load(TILES + 3 * tl.program_id(0) + 2)
-    bh = tl.program_id(1)
-    q_desc = flat_rows_desc(Q, B * Hq * T, HEAD_DIM, BLOCK_M)
-    k_desc = flat_rows_desc(K, B * Hkv * T, HEAD_DIM, BLOCK_N)
-    v_desc = flat_rows_desc(V, B * Hkv * T, HEAD_DIM, BLOCK_N)
-    kv_row0 = ((bh // Hq) * Hkv + (bh % Hq) // GROUP) * T
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    lo, span = _interval(offs_m * 0 + d_start, offs_m)
-    q = q_desc.load([bh * T + q_start, 0])
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # a spare tile (q_start = doc_start = doc_end = T) runs no iteration and stores nothing
-    acc, l_i, m_i = _ws_window_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, sm_scale_log2, d_start // BLOCK_N,
-                                     tl.cdiv(tl.minimum(d_end, q_start + BLOCK_M), BLOCK_N), lo, span, lo, span,
-                                     False, HEAD_DIM, BLOCK_N, WS)
-    _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, T, HEAD_DIM, d_end)
-
-
-def doc_tiles(cu_seqlens: torch.Tensor, T: int, block_m: int) -> torch.Tensor:
-    """Query tiles of packed documents for :func:`_fwd_ws_docs_kernel`: int32 ``[n, 3]`` rows ``(q_start,
-    doc_start, doc_end)``, each tile ``block_m`` rows from ``q_start`` inside one document, the longest kv extent
-    first. ``n = cdiv(T, block_m) + num_docs`` bounds the tile count without reading ``cu_seqlens`` on the host
-    (no sync); the spare rows are ``(T, T, T)``. Memoised on the ``cu_seqlens`` tensor, as the mask tables are."""
-    def build() -> torch.Tensor:
-        cu = cu_seqlens.to(torch.long)
-        lens = cu[1:] - cu[:-1]
-        per_doc = (lens + block_m - 1) // block_m
-        ends = per_doc.cumsum(0)
-        t = torch.arange(triton.cdiv(T, block_m) + lens.numel(), device=cu.device)
-        doc = torch.bucketize(t, ends, right=True).clamp_max(lens.numel() - 1)
-        valid = t < ends[-1]
-        q_start = torch.where(valid, cu[doc] + (t - ends[doc] + per_doc[doc]) * block_m, T)
-        d_start = torch.where(valid, cu[doc], T)
-        d_end = torch.where(valid, cu[doc + 1], T)
-        extent = torch.minimum(q_start + block_m, d_end) - d_start  # kv keys the tile walks: its cost
-        order = torch.argsort(extent, descending=True, stable=True)
-        return torch.stack([q_start, d_start, d_end], 1)[order].to(torch.int32).contiguous()
-
-    return memo_on_tensors((cu_seqlens,), ("doc_tiles", T, block_m, str(cu_seqlens.device)), build)
-
-
 def ws_fwd_config() -> dict[str, int]:
     """Tiles: 128×128 on 4 warps (two consumer warpgroups and the producer the pass adds), 2 stages. Fixed on
     purpose: on the H200 (Triton 3.6) the 3-stage and 64-wide kv-tile variants compiled, ran, and returned NaN
@@ -271,27 +217,20 @@ def ws_fwd_config() -> dict[str, int]:
 WINDOW_DEFAULT = True
 
 
-# Whether documents take the specialised forward by default at hd 128 (from the H200 sweep in BENCHMARKS.md)
-DOCS_DEFAULT = True
-
-
 def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool],
                    n_global: int = 0) -> bool:
-    """Whether the warp-specialised forward runs: plain causal / GQA masks, the Λ mask (sinks and a window, at most
-    one kv block of sinks: 128) and packed documents (without a window), no shared prefix or distance limit;
-    contiguous aligned inputs, head dims 16-128 (powers of two). By default on Hopper at head dim 128 only (at 64 the
-    causal one was 1.15-1.29x slower than the pointer kernel in the same H200 sweep), for Λ when ``WINDOW_DEFAULT``,
-    for documents when ``DOCS_DEFAULT``. ``LONGKIT_ATTN_WS_FWD``: see :func:`tma_ws.ws_switch`."""
+    """Whether the warp-specialised forward runs: plain causal / GQA masks and the Λ mask (sinks and a window, no
+    documents, shared prefix or distance limit, at most one kv block of sinks: 128), contiguous aligned inputs,
+    head dims 16-128 (powers of two); by default on Hopper at head dim 128 only (at 64 it was 1.15-1.29x slower than
+    the pointer kernel in the same H200 sweep), for Λ when ``WINDOW_DEFAULT``. ``LONGKIT_ATTN_WS_FWD``: see
+    :func:`tma_ws.ws_switch`."""
     problem = None
-    if flags["HAS_PREFIX"] or flags["USE_GLOBAL"]:
-        problem = "the mask has a shared prefix or the distance limit (q_global)"
-    elif flags["HAS_DOCS"] and flags["HAS_WINDOW"]:
-        problem = "the mask has documents and a window together"
+    if flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"]:
+        problem = "the mask has documents, a shared prefix or the distance limit (q_global)"
     elif flags["HAS_WINDOW"] and n_global > ws_fwd_config()["BLOCK_N"]:
         # its sink pass reads kv block 0 only
         problem = f"the Λ mask has {n_global} sinks, more than the {ws_fwd_config()['BLOCK_N']} keys of a kv block"
-    default = q.shape[-1] == 128 and (WINDOW_DEFAULT or not flags["HAS_WINDOW"]) and (
-        DOCS_DEFAULT or not flags["HAS_DOCS"])
+    default = q.shape[-1] == 128 and (WINDOW_DEFAULT or not flags["HAS_WINDOW"])
     return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", default)
 
 
@@ -321,22 +260,15 @@ def _n_programs(device_index: int) -> int:
 
 
 def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  q_offset: int, scale_log2: float, n_global: int = 0, n_local: int = 0,
-                  cu_seqlens: torch.Tensor | None = None) -> object:
-    """Causal, Λ (``n_local > 0``) or packed-documents (``cu_seqlens``) forward into contiguous
-    ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``."""
+                  q_offset: int, scale_log2: float, n_global: int = 0, n_local: int = 0) -> object:
+    """Causal forward (``n_local <= 0``) or Λ forward into contiguous ``out [B, Hq, Tq, D]`` and
+    ``lse [B, Hq, Tq]``."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cfg = ws_fwd_config()
     if q.is_cuda:
         ensure_allocator()
     n_m = triton.cdiv(Tq, cfg["BLOCK_M"])
-    if cu_seqlens is not None:
-        tiles = doc_tiles(cu_seqlens, Tq, cfg["BLOCK_M"])
-        return _fwd_ws_docs_kernel[(tiles.shape[0], B * Hq)](
-            q, k, v, out, lse, tiles, B, Hq, Hkv, Tq, scale_log2,
-            GROUP=Hq // Hkv, HEAD_DIM=D, WS=not _interpreting(), **cfg,
-        )
     if n_local > 0:
         return _fwd_ws_window_kernel[(n_m, B * Hq)](
             q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, n_global, n_local, scale_log2,
