@@ -26,6 +26,22 @@ from .tma_ws import ensure_allocator, flat_rows_desc, ws_switch
 
 
 @triton.jit
+def _ws_update(acc, l_i, m_i, s, v_desc, v_row, sm_scale_log2):
+    """One online-softmax step of the specialised loops: masked raw scores ``s`` (log2 scaling inside the
+    exponentials), then the value block at row ``v_row`` (loaded after the exponentials, the order these kernels
+    were timed in)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s * sm_scale_log2 - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = v_desc.load([v_row, 0])
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, j_lo, j_hi,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr):
     """Online softmax over kv blocks ``[j_lo, j_hi)``, keeping only keys ``<= lim`` (per row)."""
@@ -35,15 +51,7 @@ def _ws_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, lim, sm_scale_log2, j_l
         s = tl.dot(q, k.T)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s = tl.where(offs_n[None, :] <= lim[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s * sm_scale_log2 - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([kv_row0 + start_n, 0])
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = _ws_update(acc, l_i, m_i, s, v_desc, kv_row0 + start_n, sm_scale_log2)
     return acc, l_i, m_i
 
 
@@ -157,15 +165,7 @@ def _ws_window_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, sm_scale_log2, j
         vis = (tl.cast(offs_n[None, :] - lo[:, None], tl.uint32, bitcast=True)
                <= tl.cast(span[:, None], tl.uint32, bitcast=True))
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s * sm_scale_log2 - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([kv_row0 + start_n, 0])
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = _ws_update(acc, l_i, m_i, s, v_desc, kv_row0 + start_n, sm_scale_log2)
     return acc, l_i, m_i
 
 
