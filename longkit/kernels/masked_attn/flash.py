@@ -19,6 +19,9 @@ Design notes
   doc start, doc end, chosen start, rejected start), read inside the kernels.
 * ``lse`` is returned in natural-log units of the *scaled* scores: ``lse = log sum_j exp(scale q.k_j)``.
 * Scores use ``exp2`` with ``log2(e)`` folded into the scale; accumulation in fp32.
+* A Λ mask whose windows all reach key 0 is causal and runs the causal kernels (:func:`_window_covers_all`). On
+  Hopper at head dim 128 the causal and Λ forwards run the warp-specialised TMA kernels of ``fwd_ws.py`` (causal
+  persistent over query-block pairs up to 4k), and dk/dv those of ``dkdv_tma.py``.
 * Backward: ``delta = rowsum(dO * O) - dlse`` (preprocess), then a kv-block-parallel kernel for
   ``dk, dv`` (and ``dk_global``) that loops over the query heads of its group, and a
   query-block-parallel kernel for ``dq`` (and ``dq_global``). No atomics: deterministic.
