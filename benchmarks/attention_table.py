@@ -1,0 +1,78 @@
+"""BENCHMARKS.md's current-kernel table as one file: ``results/attention_h200.json`` (no GPU needed).
+
+A Flex compile per (length, mask) keeps each GPU run of ``benchmarks/attention.py`` to one or two lengths and a few
+masks, so the table's 36 cells (head dim 64 / 128 × T = 4k / 16k / 64k × six masks) come from several runs, each
+with its baselines in the same process. ``SOURCES`` says which run supplies which cells; this script copies those
+rows (longkit and every baseline of the same cell), tags each with its run and file, checks that every cell comes
+from exactly one run, prints the table in BENCHMARKS.md's layout and writes the merged file::
+
+    python benchmarks/attention_table.py [--out-dir benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._harness import RESULTS_DIR, print_table, save_results  # noqa: E402
+
+MASKS = ["causal", "causal_gqa", "lambda", "lambda_qglobal", "documents", "shared_prefix"]
+LENGTHS = [4096, 16384, 65536]  # nominal: documents / shared prefix runs round T to whole documents
+# (run, file, head dim, nominal lengths, masks): the runs BENCHMARKS.md lists, newest last; a later source of a
+# cell replaces an earlier one
+SOURCES = [
+    ("H", "attention_h200_hd128_16k_merged.json", 128, [16384], ["documents", "shared_prefix"]),
+    ("H", "attention_h200_hd64_16k_merged.json", 64, [16384], MASKS),
+    ("J", "attention_h200_hd128_wsdkdv.json", 128, [16384, 65536], ["causal", "causal_gqa"]),
+    ("L", "attention_h200_hd128_docs_prefix_s10.json", 128, [4096, 65536], ["documents", "shared_prefix"]),
+    ("M", "attention_h200_hd64_s10.json", 64, [4096, 65536], MASKS),
+    ("O", "attention_h200_hd128_4k_paired.json", 128, [4096], ["causal", "causal_gqa"]),
+    ("P", "attention_h200_hd128_lambda_s11.json", 128, LENGTHS, ["lambda", "lambda_qglobal"]),
+    ("Q", "attention_h200_hd64_4k_lambda_s11.json", 64, [4096], ["lambda", "lambda_qglobal"]),
+]
+
+
+def _nominal(T: int) -> int:
+    """The grid length a row belongs to (shared-prefix runs use whole DPO pairs: 3,073 for 4k, ...)."""
+    return min(LENGTHS, key=lambda n: abs(n - T))
+
+
+def merge(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
+    """Every implementation's row of every cell, from the run ``SOURCES`` assigns it."""
+    cells: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
+    for run, name, D, lengths, masks in SOURCES:
+        env = json.loads((results_dir / name).read_text())
+        found = set()
+        for r in env["rows"]:
+            key = (r["D"], _nominal(r["T"]), r["mask"])
+            if r["D"] == D and key[1] in lengths and r["mask"] in masks:
+                if key not in found:  # a newer source replaces the cell's rows
+                    cells[key] = []
+                    found.add(key)
+                cells[key].append({**r, "run": run, "file": name, "date": env["env"].get("date")})
+        missing = {(D, T, m) for T in lengths for m in masks} - found
+        if missing:
+            raise ValueError(f"{name} (run {run}) lacks the cells {sorted(missing)}")
+    want = {(D, T, m) for D in (64, 128) for T in LENGTHS for m in MASKS}
+    if set(cells) != want:
+        raise ValueError(f"cells without a source: {sorted(want - set(cells))}")
+    return [r for key in sorted(cells, key=lambda k: (-k[0], k[1], MASKS.index(k[2]))) for r in cells[key]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args()
+    rows = merge()
+    print_table([r for r in rows if r["impl"] == "longkit"],
+                ["D", "T", "mask", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops", "fwd_x_flex", "fwdbwd_x_flex",
+                 "fwd_x_sdpa_cudnn", "run"], title="current kernels (longkit rows; baselines in the JSON)")
+    save_results("attention_h200", rows, {"sources": [s[:2] for s in SOURCES]}, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
