@@ -1,6 +1,8 @@
 """What the ≥1.2× Flex goal asks of the backward, from measured runs of ``benchmarks/attention.py`` (no GPU needed).
 
-For every longkit row that has Flex in the same run it computes, from that run's times only:
+By default it reads BENCHMARKS.md's current table (``results/attention_h200.json``, merged by
+``benchmarks/attention_table.py``: each cell from one run, with its baselines). For every longkit row that has Flex
+in the same cell it computes, from that cell's times only:
 
 * each implementation's backward time (forward+backward − forward) and the rate at which it runs the backward's
   matrix products: 7 products of ``QKᵀ`` size for longkit and Flex (dq recomputes ``QKᵀ`` and ``dO·Vᵀ``), 5 for
@@ -8,9 +10,8 @@ For every longkit row that has Flex in the same run it computes, from that run's
   bounds of what the tensor cores execute;
 * the rate longkit's 7 products would need for forward+backward = Flex's / 1.2 with its forward as measured;
 * next to it, cuDNN SDPA's backward rate on the causal mask at the same head dim and length (the fastest backward
-  measured on these GPUs), and the forward rates (longkit, Flex, and what 1.2× Flex needs).
-
-Defaults to the runs behind BENCHMARKS.md's current-kernel table::
+  measured on these GPUs; for the other masks the causal cell's cuDNN rows, which may come from another run), and
+  the forward rates (longkit, Flex, and what 1.2× Flex needs).
 
     python benchmarks/attention_limits.py [FILES...] [--out-dir benchmarks/results]
 """
@@ -26,11 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._harness import RESULTS_DIR, print_table, save_results  # noqa: E402
 
-DEFAULT_RUNS = [
-    "attention_h200_hd128_wsdkdv.json", "attention_h200_hd128_4k_paired.json", "attention_h200_hd128_lambda_s11.json",
-    "attention_h200_hd128_docs_prefix_s10.json", "attention_h200_hd128_16k_merged.json",
-    "attention_h200_hd64_s10.json", "attention_h200_hd64_16k_merged.json", "attention_h200_hd64_4k_lambda_s11.json",
-]
+DEFAULT_RUNS = ["attention_h200.json"]
 PRODUCTS = {"longkit": 7, "flex": 7, "sdpa_cudnn": 5}
 GOAL = 1.2
 
@@ -40,7 +37,8 @@ def _rate(products: int, product_flops: float, ms: float) -> float:
 
 
 def limits(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """One output row per (head dim, length, mask) of ``rows`` (one run) where longkit and Flex both have times."""
+    """One output row per (head dim, length, mask) of ``rows`` where longkit and Flex both have times (``source``:
+    the file, or a row's own ``run`` tag where it has one)."""
     by = {(r["D"], r["T"], r["mask"], r["impl"]): r for r in rows if r.get("fwd_ms") and r.get("fwdbwd_ms")}
     out = []
     for (D, T, mask, impl), lk in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
@@ -51,7 +49,7 @@ def limits(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
         prod = lk["fwd_tflops"] * lk["fwd_ms"] * 1e9 / 2
         bwd = {n: r["fwdbwd_ms"] - r["fwd_ms"] for n, r in (("longkit", lk), ("flex", fx))}
         need_bwd = fx["fwdbwd_ms"] / GOAL - lk["fwd_ms"]
-        row = {"D": D, "T": T, "mask": mask, "source": source,
+        row = {"D": D, "T": T, "mask": mask, "source": lk.get("run", source),
                "fwd_tflops": round(lk["fwd_tflops"], 1), "flex_fwd_tflops": round(fx["fwd_tflops"], 1),
                "fwd_tflops_for_goal": round(GOAL * fx["fwd_tflops"], 1),
                "bwd_ms": round(bwd["longkit"], 2), "flex_bwd_ms": round(bwd["flex"], 2),
