@@ -44,8 +44,8 @@ def test_every_default_tile_fits_shared_memory(tmp_path: Path) -> None:
 
 def test_ws_kernels_are_warp_specialized(tmp_path: Path) -> None:
     """Triton compiles a kernel whose specialisation it cannot do without it, silently (an unmasked loop plus a
-    masked tail did that): the Hopper defaults ``fwd_ws`` (per tile and paired) / ``bwd_dkdv_ws`` must come out
-    specialised."""
+    masked tail did that): the Hopper defaults ``fwd_ws`` (causal per tile and paired, and Λ) / ``bwd_dkdv_ws`` must
+    come out specialised."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "ws.json"
@@ -55,7 +55,7 @@ def test_ws_kernels_are_warp_specialized(tmp_path: Path) -> None:
                    env=env, check=True, capture_output=True, timeout=900)
     rows = {(r["mask"], r["kernel"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {("causal", "fwd_ws"), ("causal", "fwd_ws_paired"), ("causal", "bwd_dkdv_ws"),
-                         ("causal", "bwd_dkdv_tma"), ("lambda", "bwd_dkdv_ws"),
+                         ("causal", "bwd_dkdv_tma"), ("lambda", "fwd_ws"), ("lambda", "bwd_dkdv_ws"),
                          ("lambda", "bwd_dkdv_tma")}, sorted(rows)
     for (_mask, kernel), r in rows.items():
         assert r["warp_specialized"] == ("_ws" in kernel), r
