@@ -54,9 +54,9 @@ def limits(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
                "fwd_tflops_for_goal": round(GOAL * fx["fwd_tflops"], 1),
                "bwd_ms": round(bwd["longkit"], 2), "flex_bwd_ms": round(bwd["flex"], 2),
                "bwd_ms_for_goal": round(need_bwd, 2),
-               "bwd_rate": round(_rate(7, prod, bwd["longkit"]), 1),
-               "flex_bwd_rate": round(_rate(7, prod, bwd["flex"]), 1),
-               "bwd_rate_for_goal": round(_rate(7, prod, need_bwd), 1) if need_bwd > 0 else None}
+               "bwd_rate": round(_rate(PRODUCTS["longkit"], prod, bwd["longkit"]), 1),
+               "flex_bwd_rate": round(_rate(PRODUCTS["flex"], prod, bwd["flex"]), 1),
+               "bwd_rate_for_goal": round(_rate(PRODUCTS["longkit"], prod, need_bwd), 1) if need_bwd > 0 else None}
         # cuDNN runs the causal masks only: its causal row of the same run and shape is the yardstick
         cd = by.get((D, T, "causal", "sdpa_cudnn")) or by.get((D, T, "causal_gqa", "sdpa_cudnn"))
         if cd is not None:

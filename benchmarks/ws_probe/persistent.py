@@ -6,6 +6,9 @@ prologue / epilogue, which a persistent kernel whose producer warp loads the nex
 epilogue (cuDNN's scheme) can hide. Triton 3.6 specialises a persistent loop either as a whole (``outer``: the
 producer runs ahead across tiles; ``flatten`` fuses the two loops) or only the inner kv loop (``inner``).
 
+The ``paired`` order won at short lengths and now ships as ``fwd_ws._fwd_ws_paired_kernel`` (the default up to
+4k); this probe keeps its own copy so that the four orders stay comparable in one script.
+
 Each variant runs in its own process under a time limit (specialised kernels have hung on this GPU), is checked
 against the shipped kernel's output, then timed.
 
