@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
-from . import ulysses
+from .adapters import sp_adapter
 from .config import SequenceParallelConfig
 from .groups import SequenceParallelGroups
 
@@ -82,10 +82,11 @@ class SequenceParallel:
 
     # ------------------------------------------------------------------------------------------ model
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Install Ulysses attention and the loss reduction on this model instance (no-op for size 1)."""
+        """Install the mode's attention and the loss reduction on this model instance (no-op for size 1)."""
         if self.size == 1 or hasattr(model, _HOOKS_ATTR):
             return model
-        undo = ulysses.install(model, self.group, self.rank, self.size, self.config.attention)
+        undo = sp_adapter(self.config.mode).install(model, self.group, self.rank, self.size, self.config)
+        undo["mode"] = self.config.mode
         undo["loss_hook"] = model.register_forward_hook(self._reduce_output_loss, with_kwargs=True)
         setattr(model, _HOOKS_ATTR, undo)
         return model
@@ -95,7 +96,7 @@ class SequenceParallel:
         undo = model.__dict__.pop(_HOOKS_ATTR, None)
         if undo is not None:
             undo["loss_hook"].remove()
-            ulysses.uninstall(model, undo)
+            sp_adapter(undo["mode"]).uninstall(model, undo)
         return model
 
     def _reduce_output_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

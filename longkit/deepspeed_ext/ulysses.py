@@ -15,15 +15,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..hf_patches.attention import (
+    attention_modules,
+    check_model,
+    restore_attention,
+    sliding_window,
+    switch_attention,
+)
 from ..kernels import masked_attention
 from .all_to_all import HeadPlan, heads_to_seq, seq_to_heads
+from .config import SequenceParallelConfig
 from .layout import LayoutCache
 
-__all__ = ["ATTN_KEY", "ulysses_attention", "ulysses_mask", "install", "uninstall", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["ATTN_KEY", "ulysses_attention", "ulysses_mask", "install", "uninstall"]
 
 ATTN_KEY = "longkit_ulysses"
 _STATE_ATTR = "_longkit_ulysses"
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+TECHNIQUE = "Ulysses"
 
 
 @dataclass
@@ -102,35 +110,14 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def _register_with_transformers() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    if AttentionInterface._global_mapping.get(ATTN_KEY) is not ulysses_attention:
-        AttentionInterface.register(ATTN_KEY, ulysses_attention)
-    if AttentionMaskInterface._global_mapping.get(ATTN_KEY) is not ulysses_mask:
-        AttentionMaskInterface.register(ATTN_KEY, ulysses_mask)
-
-
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    config = model.config
-    model_type = getattr(config.get_text_config(), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(f"Ulysses supports model types {sorted(SUPPORTED_MODEL_TYPES)}, got "
-                                    f"{model_type!r}")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError(f"Ulysses supports full-attention layers only; config.layer_types has "
-                                    f"{sorted(set(layer_types))}")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
+    check_model(model, TECHNIQUE)
+    window = sliding_window(model.config)
+    if window is not None:
         raise UnsupportedModelError(f"this model uses a sliding window of {window} tokens, which the Ulysses "
                                     "adapter does not apply; set config.sliding_window = None only if that is "
                                     "intended")
-    attns = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim")
-             and hasattr(m, "q_proj")]
-    if not attns:
-        raise UnsupportedModelError(f"found no attention modules with q_proj/layer_idx in {type(model).__name__}")
-    return attns
+    return attention_modules(model, TECHNIQUE)
 
 
 def _require_position_ids(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -140,31 +127,23 @@ def _require_position_ids(module: nn.Module, args: tuple, kwargs: dict) -> None:
                          "pass the batch through SequenceParallel.shard_batch(...)")
 
 
-def install(model: nn.Module, group: Any, rank: int, world: int, attention: str = "auto") -> dict[str, Any]:
+def install(model: nn.Module, group: Any, rank: int, world: int, config: SequenceParallelConfig) -> dict[str, Any]:
     """Switch this model instance to Ulysses attention over ``group`` (``world`` ranks, this one ``rank``).
 
-    ``attention``: ``"auto"``, ``"kernel"`` or ``"sdpa"`` (see ``SequenceParallelConfig.attention``).
+    ``config.attention``: ``"auto"``, ``"kernel"`` or ``"sdpa"`` (see :class:`SequenceParallelConfig`).
     """
     attns = _attention_modules(model)
     text = model.config.get_text_config()
     plan = HeadPlan.build(text.num_attention_heads, getattr(text, "num_key_value_heads", None)
                           or text.num_attention_heads, world)
-    _register_with_transformers()
-    state = _UlyssesState(plan, rank, group, LayoutCache(group, world), plan.local_kv_index(rank), attention)
-    undo = {"attn_implementation": model.config._attn_implementation, "modules": attns}
-    for m in attns:
-        setattr(m, _STATE_ATTR, state)
-    model.set_attn_implementation(ATTN_KEY)
-    if model.config._attn_implementation != ATTN_KEY:
-        raise UnsupportedModelError(f"{type(model).__name__} refused attn_implementation='{ATTN_KEY}'")
+    state = _UlyssesState(plan, rank, group, LayoutCache(group, world), plan.local_kv_index(rank), config.attention)
+    undo = switch_attention(model, ATTN_KEY, ulysses_attention, ulysses_mask, attns, _STATE_ATTR, lambda m: state)
     undo["hook"] = model.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
+    undo["touched"] = len(attns)
     return undo
 
 
 def uninstall(model: nn.Module, undo: dict[str, Any]) -> None:
     """Undo :func:`install` on this instance."""
-    for m in undo["modules"]:
-        if hasattr(m, _STATE_ATTR):
-            delattr(m, _STATE_ATTR)
     undo["hook"].remove()
-    model.set_attn_implementation(undo["attn_implementation"])
+    restore_attention(model, undo)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .._compat import require_host
 from ..errors import ConfigError, UnsupportedModelError
+from .attention import check_model
 from .handle import HANDLE_ATTR, PatchHandle
 from .registry import TECHNIQUES
 
@@ -62,14 +63,8 @@ def apply_patches(model: Any, **features: Any) -> Any:
     if not wanted:
         raise ConfigError(f"apply_patches got no feature to apply; available: {sorted(TECHNIQUES)}")
     require_host("transformers", "longkit.apply_patches")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is None:
-        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model (no config.model_type)")
     for name in wanted:
-        if model_type not in TECHNIQUES[name].model_types:
-            raise UnsupportedModelError(
-                f"{name} supports model types {sorted(TECHNIQUES[name].model_types)}, not '{model_type}'"
-            )
+        check_model(model, name, TECHNIQUES[name].model_types)
     handle: PatchHandle = getattr(model, HANDLE_ATTR, None) or PatchHandle(model)
     for name, cfg in wanted.items():
         if handle.configs.get(name) == cfg:

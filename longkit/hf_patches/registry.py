@@ -1,42 +1,44 @@
-"""Which techniques exist and which model types each supports (dispatch on ``config.model_type``)."""
+"""Which techniques ``apply_patches`` knows, the config class of each and the module that installs it.
+
+Each technique names one module exposing ``install(model, cfg) -> undo`` and ``uninstall(model, undo)``
+(``undo`` must hold ``"touched"``: how many modules the patch changed). The module is imported on first use,
+so ``import longkit`` stays light.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from ..config import LMInfiniteConfig
+from .attention import SUPPORTED_MODEL_TYPES
 
 __all__ = ["Technique", "TECHNIQUES", "SUPPORTED_MODEL_TYPES"]
 
 
 @dataclass(frozen=True)
 class Technique:
-    """One ``apply_patches`` keyword: its config class, supported model types and installer."""
+    """One ``apply_patches`` keyword: its config class, supported model types and installing module."""
 
     name: str
     config_cls: type
     model_types: frozenset[str]
-    install: Callable[[Any, Any], dict[str, Any]]
-    uninstall: Callable[[Any, dict[str, Any]], None]
+    module: str  # dotted path of the module with install(model, cfg) / uninstall(model, undo)
 
+    def adapter(self) -> ModuleType:
+        """The installing module (imported now)."""
+        return importlib.import_module(self.module)
 
-def _lm_infinite_install(model, cfg):
-    from . import lm_infinite
+    def install(self, model: Any, cfg: Any) -> dict[str, Any]:
+        return self.adapter().install(model, cfg)
 
-    return lm_infinite.install(model, cfg)
+    def uninstall(self, model: Any, undo: dict[str, Any]) -> None:
+        self.adapter().uninstall(model, undo)
 
-
-def _lm_infinite_uninstall(model, undo):
-    from . import lm_infinite
-
-    lm_infinite.uninstall(model, undo)
-
-
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
 TECHNIQUES: dict[str, Technique] = {
     "lm_infinite": Technique("lm_infinite", LMInfiniteConfig, SUPPORTED_MODEL_TYPES,
-                             _lm_infinite_install, _lm_infinite_uninstall),
+                             "longkit.hf_patches.lm_infinite"),
 }

@@ -2,22 +2,41 @@
 
 ``register`` is the ``vllm.general_plugins`` entry point (``longkit = "longkit.vllm_plugins:register"``).
 vLLM calls it in every process it starts (API server or ``LLM`` process, engine core, workers),
-possibly more than once, so it is idempotent. It checks the vLLM version and makes
-``--speculative-config '{"method": "longkit_suffix", ...}'`` available; nothing else in vLLM changes
-until a user asks for the drafter. See ``docs/vllm_spec.md``.
+possibly more than once, so it is idempotent. It checks the vLLM version, then applies :data:`INSTALLERS` in
+order; each installer is idempotent itself and changes nothing in vLLM until a user asks for its feature
+(e.g. ``--speculative-config '{"method": "longkit_suffix", ...}'``). See ``docs/vllm_spec.md``.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import NamedTuple
 
-__all__ = ["is_registered", "register"]
+__all__ = ["INSTALLERS", "Installer", "is_registered", "register"]
+
+
+class Installer(NamedTuple):
+    """One feature the plugin adds to vLLM: ``module:function`` (idempotent, imported lazily) and what it adds."""
+
+    target: str
+    adds: str
+
+    def __call__(self) -> None:
+        module, function = self.target.split(":")
+        getattr(importlib.import_module(module), function)()
+
+
+# Applied in this order by register(); a new feature (e.g. a KV-cache backend) appends its installer here.
+INSTALLERS: tuple[Installer, ...] = (
+    Installer("longkit.vllm_plugins.spec.method:install_method_alias", "speculative method 'longkit_suffix'"),
+)
 
 _registered = False
 
 
 def register() -> None:
-    """Entry point for ``vllm.general_plugins``: version check + the ``longkit_suffix`` method name.
+    """Entry point for ``vllm.general_plugins``: version check, then every installer of :data:`INSTALLERS`.
 
     Raises:
         HostVersionError: the installed vLLM is outside the supported range (the message names the
@@ -36,14 +55,13 @@ def register() -> None:
         raise HostVersionError(
             f"{e}. To run vLLM without longkit's plugin, set VLLM_PLUGINS to a list without 'longkit'."
         ) from None
-    from .spec.method import install_method_alias
-
-    install_method_alias()
+    for installer in INSTALLERS:
+        installer()
     _registered = True
     # A child of vLLM's logger, so the line appears in vLLM's log with the process name of each process
     # that loaded the plugin (main, EngineCore, workers).
     logging.getLogger("vllm.plugins.longkit").info(
-        "longkit plugin registered: speculative method 'longkit_suffix' available (vllm %s)", version
+        "longkit plugin registered (vllm %s): %s", version, "; ".join(i.adds for i in INSTALLERS)
     )
 
 

@@ -49,7 +49,7 @@ def test_cuda_path_matches_sdpa(group, kind, attention):
     cfg._attn_implementation = "sdpa"
     ref = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).train()
     model = copy.deepcopy(ref)
-    undo = ulysses.install(model, group, rank=0, world=1, attention=attention)
+    undo = ulysses.install(model, group, rank=0, world=1, config=SequenceParallelConfig(size=1, attention=attention))
     B, T = (1, 2048) if kind == "packed" else (2, 1500)
     ids = torch.randint(0, 1000, (B, T), device="cuda")
     batch = {"input_ids": ids, "labels": ids.clone()}

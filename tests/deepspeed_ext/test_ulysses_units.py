@@ -144,4 +144,5 @@ def test_unsupported_model_type_is_refused():
 
     cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32)
     with pytest.raises(UnsupportedModelError, match="model types"):
-        ulysses.install(transformers.GPT2LMHeadModel(cfg), group=None, rank=0, world=2)
+        ulysses.install(transformers.GPT2LMHeadModel(cfg), group=None, rank=0, world=2,
+                        config=SequenceParallelConfig(size=2))

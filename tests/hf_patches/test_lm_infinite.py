@@ -10,7 +10,7 @@ import torch
 import longkit
 from longkit import ConfigError, HostVersionError, LMInfiniteConfig, UnsupportedModelError
 from longkit.hf_patches import get_patches
-from longkit.hf_patches.lm_infinite_cache import LMInfiniteCache
+from longkit.hf_patches.lm_infinite import LMInfiniteCache
 from longkit.kernels.lambda_attn import LambdaPositions, chunked_lambda_attention, dense_lambda_attention
 from longkit.kernels.rope import naive_rope_rotate
 from tests.utils import left_padded, tiny_model
@@ -121,7 +121,7 @@ def test_left_padding_equals_unpatched(model_type):
 
 def _dense_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
     """The same rule through the dense O(T^2) statement, registered as a second attention backend."""
-    from longkit.hf_patches.lm_infinite import _positions
+    from longkit.hf_patches.lm_infinite.attention import _positions
 
     st = module._longkit_lm_infinite
     q_pos, k_pos, _ = _positions(query, key, attention_mask, kw.get("position_ids"), st.cfg.n_global)
@@ -133,7 +133,7 @@ def _dense_reference_attention(module, query, key, value, attention_mask, scalin
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_beyond_window_matches_dense_reference_and_differs_from_vanilla(model_type, monkeypatch):
-    from longkit.hf_patches import lm_infinite as lmi
+    from longkit.hf_patches.lm_infinite import attention as lmi
 
     model = tiny_model(model_type)
     ids = torch.randint(0, model.config.vocab_size, (1, 70))
@@ -286,7 +286,7 @@ def test_decode_fast_path_equals_reference(layout):
     ``ring``: the bounded cache after wrapping returns window keys in slot order (a rotation of position
     order); ``fullcache``: every key kept; ``leftpad``: row 1 starts with padding.
     """
-    from longkit.hf_patches.lm_infinite import _decode_path
+    from longkit.hf_patches.lm_infinite.attention import _decode_path
 
     b, hq, hkv, d, n_g, n_local, length = 2, 4, 2, 16, 3, 8, 30
     f = _inv_freq(d)

@@ -106,7 +106,7 @@ def test_cuda_graph_bf16_uses_maskless_flash_step_and_matches_static():
     """bf16, head dim 64: the ring-full step passes no mask (flash-only SDPA accepts it); graph == eager static."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from longkit.hf_patches.lm_infinite_static import LMInfiniteStaticCache
+    from longkit.hf_patches.lm_infinite import LMInfiniteStaticCache
 
     model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda().bfloat16()
     model.generation_config.eos_token_id = None
@@ -127,7 +127,7 @@ def test_cuda_graph_bf16_uses_maskless_flash_step_and_matches_static():
 
 def test_vanilla_static_cache_graphed_decode_matches_dynamic():
     """The benchmark's vanilla baseline: HF StaticCache + the same runner equals HF's default generate."""
-    from longkit.hf_patches.lm_infinite_graph import graphed_decode
+    from longkit.hf_patches.decode_graph import graphed_decode
 
     model = tiny_model("llama").cuda()
     model.generation_config.eos_token_id = None

@@ -21,10 +21,10 @@ from transformers import CompileConfig
 
 import longkit
 from longkit import ConfigError, LMInfiniteConfig, UnsupportedModelError
-from longkit.hf_patches import lm_infinite as lmi
-from longkit.hf_patches import lm_infinite_static as lms
-from longkit.hf_patches.lm_infinite_graph import DecodeGraphRunner, graphed_decode, install_runner
-from longkit.hf_patches.lm_infinite_static import LMInfiniteStaticCache
+from longkit.hf_patches.decode_graph import DecodeGraphRunner, graphed_decode, install_runner
+from longkit.hf_patches.lm_infinite import patch as lmi
+from longkit.hf_patches.lm_infinite import static_cache as lms
+from longkit.hf_patches.lm_infinite.static_cache import LMInfiniteStaticCache
 from tests.utils import left_padded, tiny_model
 
 aten = torch.ops.aten

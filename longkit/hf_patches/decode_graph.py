@@ -9,7 +9,7 @@ transformers 5.17-5.23 ``generate()`` already separates prefill (eager ``self(..
   recompiles for every batch size and cache length; a graph capture takes one forward);
 * identical behaviour on every transformers version of the window (the hook and its call site are the same);
 * the same runner serves the vanilla baseline (``StaticCache``) and LM-Infinite
-  (:class:`~longkit.hf_patches.lm_infinite_static.LMInfiniteStaticCache`), so a benchmark compares methods,
+  (:class:`~longkit.hf_patches.lm_infinite.static_cache.LMInfiniteStaticCache`), so a benchmark compares methods,
   not capture machinery.
 
 Protocol: the first one-token step of a (cache, phase, input shapes) key runs eagerly on a side stream (the

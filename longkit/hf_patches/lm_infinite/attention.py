@@ -1,26 +1,16 @@
-"""LM-Infinite for Hugging Face decoder models (Han et al., "LM-Infinite: Zero-Shot Extreme Length
-Generalization for Large Language Models", NAACL 2024).
+"""LM-Infinite's attention function and mask builder (registered under ``longkit_lm_infinite``).
 
-Installed per model instance by ``longkit.apply_patches(model, lm_infinite=...)``:
-
-* attention ``longkit_lm_infinite`` registered in transformers' ``AttentionInterface`` AND a mask
-  builder under the same key in ``AttentionMaskInterface`` (without it transformers hands the attention
-  no mask and padding is lost). The builder returns only the 2-D padding mask (or ``None``): the Λ
-  pattern is applied inside the attention, so no T×T mask is ever built;
-* the model's ``_prepare_cache_for_generation`` is wrapped (this instance only) so ``generate()``
-  uses :class:`~longkit.hf_patches.lm_infinite_cache.LMInfiniteCache` (constant memory), or with
-  ``LMInfiniteConfig(decode="static" | "cuda_graph")`` the fixed-shape
-  :class:`~longkit.hf_patches.lm_infinite_static.LMInfiniteStaticCache`; ``"cuda_graph"`` also replaces this
-  instance's ``get_compiled_call`` by a CUDA-graph runner (:mod:`~longkit.hf_patches.lm_infinite_graph`);
-* CUDA tensors without padding go to the shared Triton kernel
-  (:func:`longkit.kernels.masked_attention` with a ``sink_window`` mask and the rotated
-  ``q_global``/``k_global`` pair); everything else to the chunked PyTorch path
+* the mask builder returns only the 2-D padding mask (or ``None``): the Λ pattern is applied inside the
+  attention from positions, so no T×T mask is ever built;
+* CUDA tensors without padding go to the shared Triton kernel (:func:`longkit.kernels.masked_attention` with a
+  ``sink_window`` mask and the rotated ``q_global``/``k_global`` pair); one-query decode steps to one fused SDPA
+  call with the distance limit folded into the sink keys; steps of the static cache to
+  :func:`~.static_cache.static_decode_attention`; everything else to the chunked PyTorch path
   (:func:`longkit.kernels.lambda_attn.chunked_lambda_attention`).
 """
 
 from __future__ import annotations
 
-import types
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -28,28 +18,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LMInfiniteConfig
-from ..errors import UnsupportedModelError
-from ..kernels.lambda_attn import LambdaPositions, chunked_lambda_attention
-from ..kernels.rope import naive_rope_rotate, rope_angles, rotate_with
-from .lm_infinite_cache import LMInfiniteCache, sink_columns
-from .lm_infinite_graph import install_runner, uninstall_runner
-from .lm_infinite_static import (
-    LMInfiniteStaticCache,
-    chunk_key_positions,
-    static_decode_attention,
-    static_layer_of,
-)
+from ...config import LMInfiniteConfig
+from ...errors import UnsupportedModelError
+from ...kernels.lambda_attn import LambdaPositions, chunked_lambda_attention
+from ...kernels.rope import naive_rope_rotate, rope_angles, rotate_with
+from .cache import sink_columns
+from .static_cache import chunk_key_positions, static_decode_attention, static_layer_of
 
 ATTN_KEY = "longkit_lm_infinite"
-_STATE_ATTR = "_longkit_lm_infinite"
-_STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+STATE_ATTR = "_longkit_lm_infinite"
 
-__all__ = ["ATTN_KEY", "install", "uninstall", "lm_infinite_attention", "lm_infinite_mask"]
+__all__ = ["ATTN_KEY", "STATE_ATTR", "LayerState", "lm_infinite_attention", "lm_infinite_mask"]
 
 
 @dataclass
-class _LayerState:
+class LayerState:
     cfg: LMInfiniteConfig  # resolved: n_local and limit_distance are ints
     rotary: nn.Module  # the model's rotary embedding (inv_freq read at call time: device moves follow)
 
@@ -135,7 +118,7 @@ def _positions(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Ten
 
 def _kernel_path(query, key, value, q_pos, k_pos, sink, cfg, inv_freq, scaling):
     """Shared Triton kernel (CUDA, no padding): index mask ``sink_window`` + rotated global pair."""
-    from ..kernels import masked_attention, sink_window
+    from ...kernels import masked_attention, sink_window
 
     tq, tk = query.shape[2], key.shape[2]
     n_g = min(sink, tk)
@@ -215,7 +198,7 @@ def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                           dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` function: ``query [B,Hq,Tq,D]``, ``key/value [B,Hkv,Tk,D]`` (post-RoPE)
     -> ``([B, Tq, Hq, D], None)``."""
-    state: _LayerState | None = getattr(module, _STATE_ATTR, None)
+    state: LayerState | None = getattr(module, STATE_ATTR, None)
     if state is None:
         raise UnsupportedModelError(
             f"{type(module).__name__} was switched to '{ATTN_KEY}' without longkit.apply_patches(model, "
@@ -254,120 +237,13 @@ def lm_infinite_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2).contiguous(), None
 
 
-def _graph_device_ok(model: nn.Module) -> bool:
-    return model.device.type == "cuda"
-
-
 def _kernel_available() -> bool:
     try:
         import triton  # noqa: F401
 
-        from ..kernels import masked_attention  # noqa: F401
+        from ...kernels import masked_attention  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-# ---------------------------------------------------------------------------------------------- install
-def _register_with_transformers() -> None:
-    """Register the attention and its mask builder under one key (idempotent, new key only)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    if AttentionInterface._global_mapping.get(ATTN_KEY) is not lm_infinite_attention:
-        AttentionInterface.register(ATTN_KEY, lm_infinite_attention)
-    if AttentionMaskInterface._global_mapping.get(ATTN_KEY) is not lm_infinite_mask:
-        AttentionMaskInterface.register(ATTN_KEY, lm_infinite_mask)
-
-
-def _check_model(model: nn.Module, cfg: LMInfiniteConfig) -> tuple[nn.Module, list[nn.Module]]:
-    config = model.config
-    backbone = getattr(model, "model", model)
-    rotary = getattr(backbone, "rotary_emb", None)
-    if rotary is None or not hasattr(rotary, "inv_freq"):
-        raise UnsupportedModelError(f"{type(model).__name__} has no `model.rotary_emb.inv_freq`; LM-Infinite "
-                                    "needs a RoPE model")
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in _STATIC_ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"lm_infinite supports static RoPE types {sorted(_STATIC_ROPE_TYPES)}; this model uses '{rope_type}', "
-            "whose frequencies change with length"
-        )
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError(
-            f"lm_infinite needs full-attention layers only; config.layer_types has {sorted(set(layer_types))}"
-        )
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) and cfg.n_local > window:
-        raise UnsupportedModelError(
-            f"this model was trained with a sliding window of {window} tokens; lm_infinite n_local={cfg.n_local} "
-            f"exceeds it. Use n_local <= {window}."
-        )
-    attns = [m for m in backbone.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim")
-             and hasattr(m, "q_proj")]
-    if not attns:
-        raise UnsupportedModelError(f"found no attention modules with q_proj/layer_idx in {type(model).__name__}")
-    head_dim = attns[0].head_dim
-    if 2 * rotary.inv_freq.numel() != head_dim:
-        raise UnsupportedModelError(
-            f"partial rotary embeddings are not supported (rotary dim {2 * rotary.inv_freq.numel()} != head dim "
-            f"{head_dim})"
-        )
-    return rotary, attns
-
-
-def install(model: nn.Module, cfg: LMInfiniteConfig) -> dict[str, Any]:
-    """Switch this model instance to LM-Infinite. Returns what :func:`uninstall` needs to undo it."""
-    cfg = cfg.resolved(model.config.max_position_embeddings)
-    rotary, attns = _check_model(model, cfg)
-    _register_with_transformers()
-    undo: dict[str, Any] = {"attn_implementation": model.config._attn_implementation, "modules": attns}
-    for m in attns:
-        setattr(m, _STATE_ATTR, _LayerState(cfg, rotary))
-    model.set_attn_implementation(ATTN_KEY)
-    if model.config._attn_implementation != ATTN_KEY:
-        raise UnsupportedModelError(f"{type(model).__name__} refused attn_implementation='{ATTN_KEY}'")
-    if cfg.bounded_cache:
-        undo["prepare_cache"] = "_prepare_cache_for_generation" in vars(model)
-        original = model._prepare_cache_for_generation
-        n_layers = model.config.num_hidden_layers
-
-        def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-            # Only when generate() would build its default dynamic cache: a user cache or an explicit
-            # cache_implementation is respected as given.
-            if (model_kwargs.get("past_key_values") is None and generation_config.cache_implementation is None
-                    and generation_config.use_cache is not False):
-                mask = model_kwargs.get("attention_mask")
-                if cfg.decode == "eager":
-                    model_kwargs["past_key_values"] = LMInfiniteCache(n_layers, cfg.n_global, cfg.n_local, mask)
-                    return None
-                if cfg.decode == "cuda_graph" and not _graph_device_ok(self):
-                    raise UnsupportedModelError(
-                        f"LMInfiniteConfig(decode='cuda_graph') needs the model on a CUDA device, it is on "
-                        f"{self.device}; use decode='static' (same outputs, no graphs) elsewhere"
-                    )
-                model_kwargs["past_key_values"] = LMInfiniteStaticCache(
-                    n_layers, cfg.n_global, cfg.n_local, mask, graphable=cfg.decode == "cuda_graph")
-                return None
-            return original(generation_config, model_kwargs, *args, **kwargs)
-
-        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
-    if cfg.decode == "cuda_graph":
-        # generate() routes one-token steps on a compileable cache through get_compiled_call: graph those
-        # of our static cache only (any other cache runs eagerly through the runner).
-        install_runner(model, accept=lambda cache: isinstance(cache, LMInfiniteStaticCache))
-        undo["graph_runner"] = True
-    undo["touched"] = len(attns)
-    return undo
-
-
-def uninstall(model: nn.Module, undo: dict[str, Any]) -> None:
-    """Undo :func:`install` on this instance."""
-    for m in undo["modules"]:
-        if hasattr(m, _STATE_ATTR):
-            delattr(m, _STATE_ATTR)
-    if "prepare_cache" in undo and not undo["prepare_cache"]:
-        model.__dict__.pop("_prepare_cache_for_generation", None)
-    if undo.get("graph_runner"):
-        uninstall_runner(model)
-    model.set_attn_implementation(undo["attn_implementation"])

@@ -1,7 +1,7 @@
 """A static-shape LM-Infinite cache and decode step: fixed buffers, device-side bookkeeping, graph-capturable.
 
 ``LMInfiniteConfig(decode="static" | "cuda_graph")`` makes ``generate()`` use :class:`LMInfiniteStaticCache`.
-Unlike :class:`~longkit.hf_patches.lm_infinite_cache.LMInfiniteCache` (column layout, Python-side write
+Unlike :class:`~longkit.hf_patches.lm_infinite.cache.LMInfiniteCache` (column layout, Python-side write
 index, data-dependent shapes), every one-token decode step here runs the same kernels on the same buffers
 with no host synchronisation, so the whole decode forward can be captured in a CUDA graph.
 
@@ -19,7 +19,7 @@ limit depends on the query position), so no per-step concatenation copies the ri
 ``cols`` (columns written, a device scalar; a row's next position is ``cols - pad[b]``).
 
 The one-query attention step (:func:`static_decode_attention`) is the same math as
-``lm_infinite._decode_path``: sink keys rotated by ``p - limit - s`` (global branch) or kept (inside the
+``lm_infinite.attention._decode_path``: sink keys rotated by ``p - limit - s`` (global branch) or kept (inside the
 window), ring keys at their true distance, one softmax. Once every row's ring is full (its position
 ``>= n_global + n_local - 1``) all slots are visible and the step passes no mask (SDPA may use its flash
 kernel); before that a ``[B, 1, 1, S + R]`` visibility mask is built on the device. The host knows which of
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kernels.rope import rope_angles, rotate_with
+from ...kernels.rope import rope_angles, rotate_with
 
 __all__ = ["LMInfiniteStaticCache", "LMInfiniteStaticLayer", "chunk_key_positions", "static_decode_attention",
            "static_layer_of"]
@@ -245,7 +245,7 @@ class LMInfiniteStaticCache(Cache):
         """Tokens actually held per row and layer (the memory bound), as opposed to ``get_seq_length()``."""
         return self.layers[0].stored_tokens()
 
-    # -- the CUDA-graph runner's protocol (see lm_infinite_graph.DecodeGraphRunner) ------------------------
+    # -- the CUDA-graph runner's protocol (see decode_graph.DecodeGraphRunner) ------------------------
     def graph_ready(self) -> bool:
         """A one-token forward now would take the static decode step (the prompt is in)."""
         return self.shared.n_seen > 0 and self.shared.pos is not None
