@@ -76,6 +76,12 @@ class _Shared:
         if self.pad.shape[0] != batch:
             raise ValueError(f"LMInfiniteStaticCache was built for batch {self.pad.shape[0]}, got {batch}")
 
+    def reorder(self, idx: torch.Tensor) -> None:
+        """Beam search reordered the rows (``idx`` on the device): reorder the per-row bookkeeping in place."""
+        if self.pos is not None:
+            self.pos.copy_(self.pos.index_select(0, idx))
+            self.pad.copy_(self.pad.index_select(0, idx))
+
     def full_after(self, n_seen: int) -> bool:
         """Whether, once ``n_seen`` columns are written, every row's window fills the ring (no mask needed)."""
         return n_seen - 1 - self.max_pad >= self.n_sink + self.ring - 1
@@ -200,6 +206,35 @@ class LMInfiniteStaticLayer(CacheLayerMixin):
             "LMInfiniteStaticCache cannot be cropped (evicted tokens are gone): assisted/speculative generation "
             "is not supported with lm_infinite's bounded cache"
         )
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: reorder the rows *in place*. The attention reads a view of ``keys`` and captured CUDA
+        graphs read these very buffers, so they must keep their addresses (transformers' default replaces them)."""
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.keys.device)
+        self.keys.copy_(self.keys.index_select(0, idx))
+        self.values.copy_(self.values.index_select(0, idx))
+        if self.first:
+            self.shared.reorder(idx)
+
+    def _refuse(self, what: str) -> None:
+        raise NotImplementedError(
+            f"LMInfiniteStaticCache cannot {what}: its buffers are fixed (the attention and CUDA graphs read them in "
+            "place). Use LMInfiniteConfig(decode='eager') for this generation mode"
+        )
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse("change its batch size (batch_repeat_interleave)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse("change its batch size (batch_select_indices)")
+
+    def offload(self) -> None:
+        self._refuse("be offloaded")
+
+    def prefetch(self) -> None:
+        self._refuse("be offloaded")
 
     def reset(self) -> None:
         """Empty the cache in place (buffers keep their addresses; the prompt's padding is kept)."""
