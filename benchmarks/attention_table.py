@@ -22,18 +22,23 @@ from benchmarks._harness import RESULTS_DIR, print_table, save_results  # noqa: 
 
 MASKS = ["causal", "causal_gqa", "lambda", "lambda_qglobal", "documents", "shared_prefix"]
 LENGTHS = [4096, 16384, 65536]  # nominal: documents / shared prefix runs round T to whole documents
-# (run, file, head dim, nominal lengths, masks): the runs BENCHMARKS.md lists, newest last; a later source of a
-# cell replaces an earlier one
+# (run, head dim, nominal lengths, masks): the runs BENCHMARKS.md lists, each saved as
+# results/attention_h200_<run>.json; a later source of a cell replaces an earlier one
 SOURCES = [
-    ("H", "attention_h200_hd128_16k_merged.json", 128, [16384], ["documents", "shared_prefix"]),
-    ("H", "attention_h200_hd64_16k_merged.json", 64, [16384], MASKS),
-    ("J", "attention_h200_hd128_wsdkdv.json", 128, [16384, 65536], ["causal", "causal_gqa"]),
-    ("L", "attention_h200_hd128_docs_prefix_s10.json", 128, [4096, 65536], ["documents", "shared_prefix"]),
-    ("M", "attention_h200_hd64_s10.json", 64, [4096, 65536], MASKS),
-    ("O", "attention_h200_hd128_4k_paired.json", 128, [4096], ["causal", "causal_gqa"]),
-    ("P", "attention_h200_hd128_lambda_s11.json", 128, LENGTHS, ["lambda", "lambda_qglobal"]),
-    ("Q", "attention_h200_hd64_4k_lambda_s11.json", 64, [4096], ["lambda", "lambda_qglobal"]),
+    ("hd128_16k_docs_prefix", 128, [16384], ["documents", "shared_prefix"]),
+    ("hd64_16k", 64, [16384], MASKS),
+    ("hd128_causal", 128, [16384, 65536], ["causal", "causal_gqa"]),
+    ("hd128_4k64k_docs_prefix", 128, [4096, 65536], ["documents", "shared_prefix"]),
+    ("hd64_4k64k", 64, [4096, 65536], MASKS),
+    ("hd128_4k_causal", 128, [4096], ["causal", "causal_gqa"]),
+    ("hd128_lambda", 128, LENGTHS, ["lambda", "lambda_qglobal"]),
+    ("hd64_4k_lambda", 64, [4096], ["lambda", "lambda_qglobal"]),
 ]
+
+
+def source_file(run: str) -> str:
+    """The results file of a run named in ``SOURCES`` (and in BENCHMARKS.md's table)."""
+    return f"attention_h200_{run}.json"
 
 
 def _nominal(T: int) -> int:
@@ -44,7 +49,8 @@ def _nominal(T: int) -> int:
 def merge(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
     """Every implementation's row of every cell, from the run ``SOURCES`` assigns it."""
     cells: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
-    for run, name, D, lengths, masks in SOURCES:
+    for run, D, lengths, masks in SOURCES:
+        name = source_file(run)
         env = json.loads((results_dir / name).read_text())
         found = set()
         for r in env["rows"]:
@@ -71,7 +77,7 @@ def main() -> None:
     print_table([r for r in rows if r["impl"] == "longkit"],
                 ["D", "T", "mask", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops", "fwd_x_flex", "fwdbwd_x_flex",
                  "fwd_x_sdpa_cudnn", "run"], title="current kernels (longkit rows; baselines in the JSON)")
-    save_results("attention_h200", rows, {"sources": [s[:2] for s in SOURCES]}, args.out_dir)
+    save_results("attention_h200", rows, {"sources": [[s[0], source_file(s[0])] for s in SOURCES]}, args.out_dir)
 
 
 if __name__ == "__main__":

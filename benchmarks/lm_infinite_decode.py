@@ -6,7 +6,7 @@ random prompt is decoded greedily with ``model.generate`` by up to five methods:
 * ``vanilla_eager``: HF's default (DynamicCache), eager;
 * ``vanilla_graph``: HF's ``cache_implementation="static"`` (StaticCache, fixed-shape 4-D mask built by
   ``generate()``), every one-token forward replayed from a CUDA graph by
-  :class:`longkit.hf_patches.lm_infinite_graph.DecodeGraphRunner` (the same runner LM-Infinite uses);
+  :class:`longkit.hf_patches.decode_graph.DecodeGraphRunner` (the same runner LM-Infinite uses);
 * ``lminf_eager``: ``apply_patches(model, lm_infinite=LMInfiniteConfig(...))`` (bounded ring cache, eager);
 * ``lminf_static``: ``LMInfiniteConfig(decode="static")`` (static ring cache, eager; a CPU-runnable check);
 * ``lminf_graph``: ``LMInfiniteConfig(decode="cuda_graph")``.
@@ -17,7 +17,7 @@ one ``generate`` call gives the prefill time (first token) and the steady per-st
 For graph methods, the GPU time of one replayed step (CUDA events, no HF host work) and the bytes it must read
 (weights + KV cache) give the achieved GB/s. Peak memory = CUDA allocator peak over the ``generate`` call;
 ``cache_gib`` = the KV cache's own buffers. The SDPA backends are pinned to flash / memory-efficient (math as
-a last resort), never cuDNN (it re-plans at every eager decode step, see shared notes): maskless steps (vanilla
+a last resort), never cuDNN (it re-plans at every eager decode step): maskless steps (vanilla
 eager, LM-Infinite once its ring is full) run flash, masked ones (vanilla's StaticCache) memory-efficient.
 
     python benchmarks/lm_infinite_decode.py            # H100: the default plan, 1x16k .. 1x128k, 4x16k .. 4x64k
@@ -129,7 +129,7 @@ def run_method(model, method: str, prompt: torch.Tensor, args: argparse.Namespac
     """One ``generate`` call of ``method``: prefill time, steady decode tok/s, memory, and (graphs) GPU step time."""
     import longkit
     from longkit import LMInfiniteConfig
-    from longkit.hf_patches.lm_infinite_graph import graphed_decode
+    from longkit.hf_patches.decode_graph import graphed_decode
 
     device, b = args.device, prompt.shape[0]
     n_new = args.skip_steps + args.new_tokens + 1

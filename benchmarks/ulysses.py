@@ -1,8 +1,8 @@
 """Ulysses sequence-parallel training throughput: no SP vs longkit vs DeepSpeed's ALST, same run.
 
-Random-weight Llama (``--shape llama-1b``: hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 32000 — the
-shape of the anchor numbers in the shared notes; ``llama3-8b``; ``tiny`` for CPU smoke runs), bf16 on CUDA,
-ZeRO-2, torch AdamW, non-reentrant gradient checkpointing on every layer, micro-batch 1. Each entry of
+Random-weight Llama (``--shape llama-1b``: hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 32000;
+``llama3-8b``; ``tiny`` for CPU smoke runs), bf16 on CUDA, ZeRO-2, torch AdamW, non-reentrant gradient
+checkpointing on every layer, micro-batch 1. Each entry of
 ``--runs`` is ``IMPL[@NPROC]:SEQ`` and is launched as its own ``torchrun`` (a clean process group and
 allocator per entry), e.g.
 

@@ -1,9 +1,10 @@
-"""BENCHMARKS.md's current-kernel attention table against the measured rows it cites (results/attention_h200.json,
-merged by benchmarks/attention_table.py from the runs the table names): every number in the table is a measurement,
-copied right."""
+"""BENCHMARKS.md's attention table against the measured rows it cites (results/attention_h200.json, merged by
+benchmarks/attention_table.py from the runs the table names): every number in the table is a measurement, copied
+right, and every run it names is listed with its command and file."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -27,6 +28,43 @@ def _table_rows() -> list[list[str]]:
             break
         rows.append([c.strip().replace("**", "") for c in line.strip("|").split("|")])
     return rows
+
+
+def _listed_runs() -> dict[str, str]:
+    """The runs list above the table: run -> the arguments of its ``benchmarks/attention.py`` command."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    start = text.index("| run | `python benchmarks/attention.py`")
+    runs = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        run, args, _ = (c.strip().strip("`") for c in line.strip("|").split("|"))
+        runs[run] = args
+    return runs
+
+
+def test_every_run_is_listed_with_its_command() -> None:
+    attention_table = pytest.importorskip("attention_table")
+    listed = _listed_runs()
+    assert sorted(listed) == sorted(s[0] for s in attention_table.SOURCES)
+    assert {row[-1] for row in _table_rows()} == set(listed)
+    for run, args in listed.items():
+        # the command writes results/attention_h200_<run>.json, and that run measured what the table takes from it
+        assert args.endswith(f"--tag _{run}"), (run, args)
+        env = json.loads((ROOT / "benchmarks" / "results" / attention_table.source_file(run)).read_text())
+        recorded, listed_words = env["env"]["command"].split(), args.split()
+        for flag in ("--hd", "--seqlens", "--masks", "--rounds", "--rep-ms", "--no-flex"):
+            assert _flag_values(recorded, flag) == _flag_values(listed_words, flag), (run, flag)
+
+
+def _flag_values(words: list[str], flag: str) -> list[str] | None:
+    """The values after ``flag`` in a command line (None: the flag is absent)."""
+    if flag not in words:
+        return None
+    i = j = words.index(flag) + 1
+    while j < len(words) and not words[j].startswith("--"):
+        j += 1
+    return words[i:j]
 
 
 def test_current_table_matches_the_merged_runs() -> None:

@@ -12,7 +12,7 @@ The ``paired`` order won at short lengths and now ships as ``fwd_ws._fwd_ws_pair
 Each variant runs in its own process under a time limit (specialised kernels have hung on this GPU), is checked
 against the shipped kernel's output, then timed.
 
-    python benchmarks/ws_probe/persistent.py --out-dir DIR
+    python research/ws_probe/persistent.py --out-dir research/results
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _persistent_fwd(Q, K, V, Out, LSE, B, Hq, Hkv, Tq, Tk, sm_scale_log2, GROUP:
 def one(variant: str, T: int, B: int, H: int, D: int) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from longkit.kernels.masked_attn.flash import flash_masked_attention_fwd
+    from longkit.kernels.masked_attn.launch import flash_masked_attention_fwd
 
     ensure_allocator()
     g = torch.Generator(device="cuda").manual_seed(0)

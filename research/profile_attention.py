@@ -1,11 +1,11 @@
 """Launch one attention forward (or forward+backward) a few times, for a profiler to attach to.
 
 Times nothing itself: ``benchmarks/attention.py`` does the timing. This script exists so that ``ncu`` profiles
-exactly the shapes the benchmark times (same ``make_case``), e.g. on the device::
+exactly the shapes the benchmark times (same ``make_case``), e.g. on a GPU machine::
 
     ncu --clock-control none -k regex:_fwd_kernel --launch-skip 2 --launch-count 1 \\
         --section SpeedOfLight --section WarpStateStats --section SourceCounters -o fwd4k \\
-        python benchmarks/profile_attention.py --hd 128 --T 4096 --mask causal --impl longkit
+        python research/profile_attention.py --hd 128 --T 4096 --mask causal --impl longkit
 """
 
 from __future__ import annotations

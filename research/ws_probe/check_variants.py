@@ -1,10 +1,10 @@
 """Correctness of kernel variants on the GPU, each case in its own process with a time limit.
 
-A crashed launch kills its CUDA context, and a hung one the whole call: run each (variant, mask, head dim) in a
+A crashed launch kills its CUDA context, and a hung one everything after it: run each (variant, mask, head dim) in a
 subprocess, so one bad case costs its own time limit and the next cases still run. Each case compares the forward
 output / lse and dq / dk / dv against the launcher with the variant's environment unset, on the same inputs.
 
-    python benchmarks/ws_probe/check_variants.py --case "LONGKIT_ATTN_WS_DQ=1:causal:128" ...
+    python research/ws_probe/check_variants.py --case "LONGKIT_ATTN_WS_DQ=1:causal:128" ...
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def one(env: str, mask_name: str, D: int, T: int) -> dict:
     import torch
 
     from longkit.kernels import causal, documents, sink_window
-    from longkit.kernels.masked_attn import flash
+    from longkit.kernels.masked_attn import launch
 
     masks = {
         "causal": causal(),
@@ -40,8 +40,8 @@ def one(env: str, mask_name: str, D: int, T: int) -> dict:
     geo = (mask.cu_seqlens, mask.prefix_segments, 0, mask.n_global, mask.n_local or 0, D ** -0.5)
 
     def run() -> list:
-        out, lse = flash.flash_masked_attention_fwd(q, k, v, None, None, *geo)
-        dq, dk, dv, _, _ = flash.flash_masked_attention_bwd(do, None, q, k, v, out, lse, None, None, *geo)
+        out, lse = launch.flash_masked_attention_fwd(q, k, v, None, None, *geo)
+        dq, dk, dv, _, _ = launch.flash_masked_attention_bwd(do, None, q, k, v, out, lse, None, None, *geo)
         torch.cuda.synchronize()
         return [out, lse, dq, dk, dv]
 
@@ -49,7 +49,7 @@ def one(env: str, mask_name: str, D: int, T: int) -> dict:
     os.environ.update(pairs)
     got = run()
     # the variant's kernels, read before the reference run replaces them
-    kernels = {k_: getattr(v_, "name", str(v_)) for k_, v_ in flash.LAST_LAUNCH.items()}
+    kernels = {k_: getattr(v_, "name", str(v_)) for k_, v_ in launch.LAST_LAUNCH.items()}
     for name in pairs:
         os.environ.pop(name)
     ref = run()

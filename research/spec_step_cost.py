@@ -7,7 +7,10 @@ JSON). ``alpha`` is a request's share of a step's fixed cost, ``beta`` the cost 
 ``beta / (alpha + beta)`` the break-even acceptance probability: a draft token accepted less often than this
 makes decoding slower. Reported with the fit's worst relative error per workload::
 
-    python benchmarks/spec_step_cost.py benchmarks/results/spec_decode_cpu_v2.json --name spec_step_cost_cpu_v2
+    python research/spec_step_cost.py benchmarks/results/spec_decode_cpu_avx2_before_cost_aware.json \
+        --name spec_step_cost_cpu
+
+writes ``research/results/<name>.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import print_table, save_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def fit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -50,7 +55,7 @@ def main() -> None:
     print_table(rows, ["workload", "methods", "alpha_s", "beta_s", "beta_over_alpha", "break_even", "max_rel_err"],
                 title=f"step cost fit of {args.results}")
     if args.name:
-        save_results(args.name, rows, {"source": args.results})
+        save_results(args.name, rows, {"source": args.results}, RESULTS)
 
 
 if __name__ == "__main__":

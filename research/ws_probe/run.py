@@ -1,5 +1,9 @@
 """Probe: does Triton 3.6's Hopper warp specialisation (tl.range(warp_specialize=True), TMA loads) speed up
-plain causal attention kernels vs longkit's current kernels, in one run? Prints and writes JSON."""
+plain causal attention kernels vs longkit's kernels, in one run? Prints and writes JSON to ``$WS_PROBE_OUT``
+(default ``research/results``)::
+
+    HD=128 python research/ws_probe/run.py
+"""
 
 # ruff: noqa: B023 - the closures are timed inside the same loop iteration
 import json
@@ -17,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import ws_dkdv, ws_dq, ws_fwd  # noqa: E402
 
-from longkit.kernels.masked_attn.flash import flash_masked_attention_bwd, flash_masked_attention_fwd  # noqa: E402
+from longkit.kernels.masked_attn.launch import flash_masked_attention_bwd, flash_masked_attention_fwd  # noqa: E402
 
 triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 LOG2E = 1.4426950408889634
@@ -131,5 +135,5 @@ if __name__ == "__main__":
     run_probe(1, 4, 1024, D, fwd_cfgs=fwd_cfgs, dkdv_cfgs=dkdv_cfgs, dq_cfgs=dq_cfgs, check=True)
     for T in (4096, 16384):
         run_probe(65536 // T, 32, T, D, fwd_cfgs=fwd_cfgs, dkdv_cfgs=dkdv_cfgs, dq_cfgs=dq_cfgs)
-    out = Path(os.environ.get("OUT", "/tmp")) / f"ws_probe_hd{D}.json"
+    out = Path(os.environ.get("WS_PROBE_OUT", Path(__file__).resolve().parents[1] / "results")) / f"ws_probe_hd{D}.json"
     out.write_text(json.dumps(res, indent=1))

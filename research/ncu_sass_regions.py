@@ -4,9 +4,9 @@ Input: ``ncu --import X.ncu-rep --page source --csv --print-source sass > X_sass
 ``--set full --import-source yes`` (warp-state sampling per SASS instruction). Consecutive instructions executed
 the same number of times form a region (a loop body, a prologue, an epilogue); the script prints each region's
 share of the stall samples, the loop's instruction mix, and writes JSON. Used for the hd 128 × 4k causal forward
-against cuDNN (``docs/kernel_notes.md``)::
+against cuDNN (``docs/kernel_notes.md``; outputs in ``research/results/ncu_fwd4k_hd128_*``)::
 
-    python benchmarks/ncu_sass_regions.py fwd4k_longkit_sass.csv fwd4k_sdpa_cudnn_sass.csv --out regions.json
+    python research/ncu_sass_regions.py fwd4k_longkit_sass.csv fwd4k_sdpa_cudnn_sass.csv --out regions.json
 """
 
 from __future__ import annotations

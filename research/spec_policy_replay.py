@@ -14,9 +14,9 @@ recorded greedy outputs (the ``none`` run of ``benchmarks/spec_decode.py --workd
 * ``critical_strict``: the same, but non-critical rows never draft.
 
 Workloads run in the benchmark's order through one drafter (its global cache carries over), one drafter per policy
-and clock. Prints tok/s of each policy ÷ no drafting and writes ``results/<name>.json``::
+and clock. Prints tok/s of each policy ÷ no drafting and writes ``research/results/<name>.json``::
 
-    python benchmarks/spec_policy_replay.py --workdir DIR/rep0
+    python research/spec_policy_replay.py --workdir DIR/rep0
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks._harness import print_table, save_results  # noqa: E402
 from longkit.vllm_plugins.spec import BatchDrafter, SuffixSpecConfig, replay_batch  # noqa: E402
 from longkit.vllm_plugins.spec.simulate import SimulatedEngineClock  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # (t0, t1) seconds: the range the drafter learned on the AVX2 CPU (BENCHMARKS.md), and a GPU-like t1 << t0
 CLOCKS = [(0.015, 0.020), (0.025, 0.020), (0.037, 0.021), (0.005, 0.020), (0.010, 0.0005)]
@@ -135,7 +137,7 @@ def main() -> None:
         print(f"t0={t0} t1={t1} done", flush=True)
     print_table(rows, ["t0", "t1", "workload", "policy", "x_none", "steps", "steps_none", "draft_tokens", "accepted"],
                 title="drafting policies by replay (tok/s ÷ no drafting, simulated clock)")
-    save_results(args.name, rows, {"workdir": str(args.workdir), "slack": args.slack}, None)
+    save_results(args.name, rows, {"workdir": str(args.workdir), "slack": args.slack}, RESULTS)
 
 
 if __name__ == "__main__":
