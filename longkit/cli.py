@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_doctor(rep)
         return 0
     if args.command == "demo":
+        demo.check_args(dm, args)  # every option checked before the model is loaded
         res = demo.run(args)
         return 1 if args.strict and not res["bar"]["pass"] else 0
     p.print_help()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ._validate import check_bool, check_choice, check_int
 from .errors import ConfigError
 
 __all__ = ["LMInfiniteConfig"]
@@ -50,20 +51,18 @@ class LMInfiniteConfig:
     decode: str = "eager"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_global, int) or self.n_global < 0:
-            raise ConfigError(f"LMInfiniteConfig.n_global must be an int >= 0, got {self.n_global!r}")
-        if self.n_local is not None and (not isinstance(self.n_local, int) or self.n_local < 1):
-            raise ConfigError(f"LMInfiniteConfig.n_local must be an int >= 1 or None, got {self.n_local!r}")
-        if self.limit_distance is not None and (
-            not isinstance(self.limit_distance, int) or self.limit_distance < 1
-        ):
-            raise ConfigError(
-                f"LMInfiniteConfig.limit_distance must be an int >= 1 or None, got {self.limit_distance!r}"
-            )
-        if self.query_chunk < 1:
-            raise ConfigError(f"LMInfiniteConfig.query_chunk must be >= 1, got {self.query_chunk!r}")
-        if self.decode not in _DECODE_MODES:
-            raise ConfigError(f"LMInfiniteConfig.decode must be one of {list(_DECODE_MODES)}, got {self.decode!r}")
+        # Normalised values are stored back (numpy ints -> int) so equal configs compare and hash equal.
+        owner = type(self).__name__
+        ints = {
+            "n_global": check_int(owner, "n_global", self.n_global, min=0),
+            "n_local": check_int(owner, "n_local", self.n_local, min=1, allow_none=True),
+            "limit_distance": check_int(owner, "limit_distance", self.limit_distance, min=1, allow_none=True),
+            "query_chunk": check_int(owner, "query_chunk", self.query_chunk, min=1),
+        }
+        for name, value in ints.items():
+            object.__setattr__(self, name, value)
+        check_bool(owner, "bounded_cache", self.bounded_cache)
+        check_choice(owner, "decode", self.decode, _DECODE_MODES)
         if self.decode != "eager" and not self.bounded_cache:
             raise ConfigError(
                 f"LMInfiniteConfig.decode={self.decode!r} needs bounded_cache=True (it is a mode of the bounded cache)"
@@ -71,6 +70,8 @@ class LMInfiniteConfig:
 
     def resolved(self, max_position_embeddings: int) -> LMInfiniteConfig:
         """Fill the ``None`` defaults from the model's pretraining length."""
-        n_local = self.n_local if self.n_local is not None else int(max_position_embeddings)
+        n_local = self.n_local
+        if n_local is None:  # only then is the model's length needed (some configs leave it None)
+            n_local = check_int("LMInfiniteConfig.resolved", "max_position_embeddings", max_position_embeddings, min=1)
         limit = self.limit_distance if self.limit_distance is not None else n_local
         return replace(self, n_local=n_local, limit_distance=limit)

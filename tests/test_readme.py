@@ -33,15 +33,30 @@ def test_import_longkit_imports_no_optional_host():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_code_is_ruff_clean():
-    import shutil
+def _ruff(*args: str, env: dict[str, str] | None = None):
+    """``ruff`` from this interpreter's environment (``python -m ruff``): found whether or not it is on PATH."""
+    import importlib.util
     import subprocess
+    import sys
 
     import pytest
 
-    ruff = shutil.which("ruff")
-    if ruff is None:
-        pytest.skip("ruff not installed (pip install -e '.[dev]')")
-    res = subprocess.run([ruff, "check", "longkit", "tests", "benchmarks", "recipes"], capture_output=True,
-                         text=True, cwd=ROOT)
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff not installed in this environment (pip install -e '.[dev]')")
+    return subprocess.run([sys.executable, "-m", "ruff", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_code_is_ruff_clean():
+    res = _ruff("check", "longkit", "tests", "benchmarks", "recipes")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ruff_check_fails_on_unclean_code(tmp_path):
+    """The check above can fail: it flags an unused import, with a PATH that holds no ``ruff`` executable."""
+    import os
+
+    bad = tmp_path / "unclean.py"
+    bad.write_text("import os\n")
+    res = _ruff("check", "--no-cache", str(bad), env={**os.environ, "PATH": os.defpath})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "F401" in res.stdout, res.stdout

@@ -16,10 +16,12 @@ the allowed values and an example, instead of being ignored.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._validate import check_bool, check_choice, check_int, describe
 from ..errors import ConfigError
 
 __all__ = ["SECTION", "SequenceParallelConfig", "ActivationOffloadConfig", "LongkitDSConfig", "parse_ds_config"]
@@ -35,6 +37,22 @@ def _check_keys(where: str, given: dict[str, Any], allowed: tuple[str, ...]) -> 
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed keys: {list(allowed)}. Example: {_EXAMPLE}")
+
+
+def _check_sequence_parallel(owner: str, mode: Any, size: Any, attention: Any) -> int:
+    """Validate the sequence-parallel options (``owner`` names them in messages); returns ``size`` as an int."""
+    if isinstance(mode, str) and mode in _SP_MODES_LATER:
+        raise NotImplementedError(f"{owner}.mode={mode!r} is not built yet (see README); use one of {list(_SP_MODES)}")
+    check_choice(owner, "mode", mode, _SP_MODES)
+    size = check_int(owner, "size", size, min=1, want="a positive integer")
+    check_choice(owner, "attention", attention, _ATTENTION)
+    return size
+
+
+def _check_offload(owner: str, enabled: Any, fix: str) -> None:
+    check_bool(owner, "enabled", enabled, want="true or false")
+    if enabled:
+        raise NotImplementedError(f"{owner} is not built yet (see README); {fix}")
 
 
 @dataclass(frozen=True)
@@ -61,25 +79,19 @@ class SequenceParallelConfig:
     size: int = 1
     attention: str = "auto"
 
+    def __post_init__(self) -> None:
+        size = _check_sequence_parallel("SequenceParallelConfig", self.mode, self.size, self.attention)
+        object.__setattr__(self, "size", size)  # normalised (numpy int -> int) so equal configs compare equal
+
     @classmethod
     def from_dict(cls, d: Any) -> SequenceParallelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"longkit.sequence_parallel must be an object, got {type(d).__name__}. "
                               f"Example: {_EXAMPLE}")
         _check_keys("longkit.sequence_parallel", d, ("mode", "size", "attention"))
-        mode = d.get("mode", "ulysses")
-        if mode in _SP_MODES_LATER:
-            raise NotImplementedError(f"longkit.sequence_parallel.mode={mode!r} is not built yet (see README); "
-                                      f"use one of {list(_SP_MODES)}")
-        if mode not in _SP_MODES:
-            raise ConfigError(f"longkit.sequence_parallel.mode must be one of {list(_SP_MODES)}, got {mode!r}")
-        size = d.get("size", 1)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ConfigError(f"longkit.sequence_parallel.size must be a positive integer, got {size!r}")
-        attention = d.get("attention", "auto")
-        if attention not in _ATTENTION:
-            raise ConfigError(f"longkit.sequence_parallel.attention must be one of {list(_ATTENTION)}, got "
-                              f"{attention!r}")
+        mode, size, attention = d.get("mode", "ulysses"), d.get("size", 1), d.get("attention", "auto")
+        # Checked here too so that a JSON user reads the JSON key path in the message.
+        _check_sequence_parallel("longkit.sequence_parallel", mode, size, attention)
         return cls(mode=mode, size=size, attention=attention)
 
 
@@ -89,17 +101,17 @@ class ActivationOffloadConfig:
 
     enabled: bool = False
 
+    def __post_init__(self) -> None:
+        _check_offload("ActivationOffloadConfig", self.enabled, "pass enabled=False or leave it out")
+
     @classmethod
     def from_dict(cls, d: Any) -> ActivationOffloadConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"longkit.activation_offload must be an object, got {type(d).__name__}")
-        enabled = d.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"longkit.activation_offload.enabled must be true or false, got {enabled!r}")
-        if enabled:
-            raise NotImplementedError("longkit.activation_offload is not built yet (see README); remove the key or "
-                                      'set {"enabled": false}')
+        # Keys first: a misspelt "enabled" must be reported as such, not as a request to enable offloading.
         _check_keys("longkit.activation_offload", d, ("enabled",))
+        _check_offload("longkit.activation_offload", d.get("enabled", True),
+                       'remove the key or set {"enabled": false}')
         return cls(enabled=False)
 
 
@@ -109,6 +121,15 @@ class LongkitDSConfig:
 
     sequence_parallel: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
     activation_offload: ActivationOffloadConfig = field(default_factory=ActivationOffloadConfig)
+
+    def __post_init__(self) -> None:
+        parts = (("sequence_parallel", SequenceParallelConfig), ("activation_offload", ActivationOffloadConfig))
+        for name, cls in parts:
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                raise ConfigError(f"LongkitDSConfig.{name} must be an instance of {cls.__name__}, got "
+                                  f"{describe(value)}; build it with {cls.__name__}(...) or parse a dict with "
+                                  "LongkitDSConfig.from_dict(...)")
 
     @classmethod
     def from_dict(cls, d: Any) -> LongkitDSConfig:
@@ -127,7 +148,7 @@ def load_ds_config(config: dict[str, Any] | str | Path) -> dict[str, Any]:
     """Return a DeepSpeed config as a dict (a dict is returned as is; a path is read as JSON)."""
     if isinstance(config, dict):
         return config
-    if isinstance(config, (str, Path)):
+    if isinstance(config, (str, os.PathLike)):
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"DeepSpeed config file not found: {path}")

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from .._compat import require_host
+from .._validate import check_int
 from ..errors import ConfigError
 from .config import SECTION, LongkitDSConfig, load_ds_config
 from .sequence_parallel import SequenceParallel, ShardedLoader
@@ -49,6 +50,7 @@ def initialize(model: nn.Module, config: dict[str, Any] | str | Path, *, model_p
         ``loss = engine(**shard).loss`` (already the whole batch's loss on every rank of the group),
         ``engine.backward(loss)``, ``engine.step()``.
     """
+    check_int("initialize", "pad_token_id", pad_token_id, min=0)
     require_host("deepspeed", "longkit.deepspeed_ext")
     import deepspeed
     import torch.distributed as dist

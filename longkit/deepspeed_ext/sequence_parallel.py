@@ -63,6 +63,10 @@ class SequenceParallel:
     """
 
     def __init__(self, config: SequenceParallelConfig):
+        if not isinstance(config, SequenceParallelConfig):
+            raise ConfigError(f"SequenceParallel takes a SequenceParallelConfig, got {type(config).__name__}; build "
+                              "it with SequenceParallelConfig(size=..., mode=..., attention=...) or use "
+                              "SequenceParallel.from_ds_config(ds_config)")
         self.config = config
         self.size = config.size
         if self.size > 1:

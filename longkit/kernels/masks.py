@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from longkit._validate import BUILTIN, check_bool, check_int, describe
+
 __all__ = ["AttentionMask", "causal", "sink_window", "documents", "shared_prefix"]
 
 
@@ -42,6 +44,22 @@ def tensor_version(t: torch.Tensor | None) -> int | None:
         return t._version
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
+
+
+def _position(name: str, value: Any, low: int, allow_none: bool) -> Any:  # noqa: ANN401
+    """A position or count field as an ``int`` (TypeError for floats, strings, bools; ValueError below ``low``).
+
+    A ``torch.SymInt`` (a shape under ``torch.compile``) passes unchecked: comparing it would add a guard.
+    """
+    if isinstance(value, torch.SymInt):
+        return value
+    return check_int("AttentionMask", name, value, min=low, allow_none=allow_none, errors=BUILTIN)
+
+
+def _tensor(name: str, value: Any, example: str) -> torch.Tensor:  # noqa: ANN401
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"AttentionMask.{name} must be a torch.Tensor, got {describe(value)}; e.g. {example}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -60,25 +78,23 @@ class AttentionMask:
     prefix_segments: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        check_bool("AttentionMask", "causal", self.causal, errors=BUILTIN)
         if not self.causal:
             raise ValueError("only causal masks are supported (causal=False given)")
-        if self.q_offset < 0:
-            raise ValueError(f"q_offset must be >= 0, got {self.q_offset}")
-        if self.n_global < 0:
-            raise ValueError(f"n_global must be >= 0, got {self.n_global}")
-        if self.n_local is not None and self.n_local < 1:
-            raise ValueError(f"n_local must be >= 1 (or None for no window), got {self.n_local}")
+        object.__setattr__(self, "q_offset", _position("q_offset", self.q_offset, 0, False))
+        object.__setattr__(self, "n_global", _position("n_global", self.n_global, 0, False))
+        object.__setattr__(self, "n_local", _position("n_local", self.n_local, 1, True))
         if self.n_global and self.n_local is None:
             raise ValueError("n_global (sink tokens) only makes sense together with a window n_local")
         if self.cu_seqlens is not None:
-            cu = self.cu_seqlens
+            cu = _tensor("cu_seqlens", self.cu_seqlens, "documents(torch.tensor([0, 5, 9], dtype=torch.int32))")
             if cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
                 raise ValueError(
                     "cu_seqlens must be a 1-D int32/int64 tensor [num_docs + 1] starting at 0, "
                     f"got shape {tuple(cu.shape)} dtype {cu.dtype}"
                 )
         if self.prefix_segments is not None:
-            seg = self.prefix_segments
+            seg = _tensor("prefix_segments", self.prefix_segments, "shared_prefix(torch.tensor([[3, 7]]))")
             if seg.dim() != 2 or seg.shape[1] != 2 or seg.dtype not in (torch.int32, torch.int64):
                 raise ValueError(
                     "shared-prefix segments must be an int tensor [rows_or_docs, 2] of "

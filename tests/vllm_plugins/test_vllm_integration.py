@@ -93,13 +93,31 @@ def _mixed_requests(rng: random.Random) -> list[dict]:
     ]
 
 
+def _first_difference(x: list, y: list) -> int:
+    return next((j for j, (p, q) in enumerate(zip(x + [None], y + [None])) if p != q), min(len(x), len(y)))
+
+
 def _assert_identical(ref: dict, spec: dict) -> None:
+    # zip() stops at the shorter list: without the length checks a missing round, request or token passes unseen.
+    assert len(ref["rounds"]) == len(spec["rounds"]), f"rounds: {len(ref['rounds'])} vs {len(spec['rounds'])}"
     for r, (a, b) in enumerate(zip(ref["rounds"], spec["rounds"])):
+        assert len(a) == len(b), f"round {r}: {len(a)} vs {len(b)} requests"
         for i, (x, y) in enumerate(zip(a, b)):
-            assert x == y, (
-                f"round {r} request {i}: first difference at token "
-                f"{next(j for j, (p, q) in enumerate(zip(x + [None], y + [None])) if p != q)}"
+            assert len(x) == len(y) and x == y, (
+                f"round {r} request {i}: {len(x)} vs {len(y)} tokens, first difference at token "
+                f"{_first_difference(x, y)}"
             )
+
+
+def test_assert_identical_checks_lengths() -> None:
+    """The comparison itself (no engine): a missing round, request or trailing token is a difference."""
+    ref = {"rounds": [[[1, 2, 3], [4]], [[5]]]}
+    _assert_identical(ref, ref)
+    for spec in ({"rounds": ref["rounds"][:1]}, {"rounds": [[[1, 2, 3]], [[5]]]}, {"rounds": [[[1, 2], [4]], [[5]]]}):
+        with pytest.raises(AssertionError):
+            _assert_identical(ref, spec)
+        with pytest.raises(AssertionError):
+            _assert_identical(spec, ref)
 
 
 def _assert_state_freed(spec: dict) -> None:
@@ -150,7 +168,7 @@ def test_default_model_greedy_identical_via_custom_class(tmp_path):
         )
         for c in chats
     ]
-    reqs = [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(prompts, (64, 24, 48))]
+    reqs = [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(prompts, (64, 24, 48), strict=True)]
     job = {"model": model, "dtype": "float32", "rounds": [reqs, reqs[:1]], "max_num_seqs": 4}
     spec_cfg = {
         "method": "custom_class",

@@ -54,9 +54,9 @@ def naive_masked_attention(
             raise ValueError("q_global and k_global must be given together")
         if mask.cu_seqlens is not None:
             raise NotImplementedError("q_global/k_global (distance limit) with documents is not supported")
-        n_global = k_global.shape[2]
+        n_global = min(k_global.shape[2], Tk)  # k_global has n_global rows even while fewer keys exist
         glob = mask.global_branch(B, Tq, Tk, device=q.device)[..., :n_global]  # [B, 1, Tq, n_global]
-        kg = k_global.to(cdt).repeat_interleave(group, dim=1)
+        kg = k_global[:, :, :n_global].to(cdt).repeat_interleave(group, dim=1)
         scores_g = torch.einsum("bhid,bhjd->bhij", q_global.to(cdt), kg) * scale
         head = torch.where(glob, scores_g, scores[..., :n_global])
         scores = torch.cat([head, scores[..., n_global:]], dim=-1)

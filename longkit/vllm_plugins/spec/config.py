@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..._validate import check_bool, check_int, check_number, describe
 from ...errors import ConfigError
 
 __all__ = ["ADDITIONAL_CONFIG_KEY", "SuffixSpecConfig", "VLLM_FIELDS"]
@@ -60,29 +61,21 @@ class SuffixSpecConfig:
     cost_aware: bool = True
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, want: str) -> None:
-            if not ok:
-                raise ConfigError(f"SuffixSpecConfig.{name} must be {want}, got {getattr(self, name)!r}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool)
-
-        check(
-            "num_speculative_tokens",
-            is_int(self.num_speculative_tokens) and self.num_speculative_tokens >= 1,
-            "an int >= 1",
-        )
-        check("max_depth", is_int(self.max_depth) and self.max_depth >= 1, "an int >= 1")
-        check("max_cached_requests", is_int(self.max_cached_requests) and self.max_cached_requests >= 0, "an int >= 0")
-        check("max_cached_tokens", is_int(self.max_cached_tokens) and self.max_cached_tokens >= 0, "an int >= 0")
-        check("max_spec_factor", is_num(self.max_spec_factor) and self.max_spec_factor > 0, "a number > 0")
-        check("max_spec_offset", is_num(self.max_spec_offset), "a number")
-        check("min_token_prob", is_num(self.min_token_prob) and 0 <= self.min_token_prob <= 1, "a number in [0, 1]")
-        check("adaptive", isinstance(self.adaptive, bool), "a bool")
-        check("cost_aware", isinstance(self.cost_aware, bool), "a bool")
+        owner = type(self).__name__
+        values = {
+            "num_speculative_tokens": check_int(owner, "num_speculative_tokens", self.num_speculative_tokens, min=1),
+            "max_depth": check_int(owner, "max_depth", self.max_depth, min=1),
+            "max_cached_requests": check_int(owner, "max_cached_requests", self.max_cached_requests, min=0),
+            "max_cached_tokens": check_int(owner, "max_cached_tokens", self.max_cached_tokens, min=0),
+            # Finite: the draft cap is floor(max_spec_factor * L + max_spec_offset), which an infinity overflows.
+            "max_spec_factor": check_number(owner, "max_spec_factor", self.max_spec_factor, min=0, min_exclusive=True),
+            "max_spec_offset": check_number(owner, "max_spec_offset", self.max_spec_offset),
+            "min_token_prob": check_number(owner, "min_token_prob", self.min_token_prob, min=0, max=1),
+            "adaptive": check_bool(owner, "adaptive", self.adaptive),
+            "cost_aware": check_bool(owner, "cost_aware", self.cost_aware),
+        }
+        for name, value in values.items():  # normalised (numpy scalars -> int/float) so equal configs compare equal
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_vllm(cls, speculative: Any, additional_config: Mapping[str, Any] | None = None) -> SuffixSpecConfig:
@@ -98,7 +91,10 @@ class SuffixSpecConfig:
             value = get(theirs)
             if value is not None:
                 kwargs[ours] = value
-        extra = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+        if additional_config is not None and not isinstance(additional_config, Mapping):
+            raise ConfigError(f"additional_config must be a JSON object (a dict), got {describe(additional_config)}")
+        extra = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        extra = {} if extra is None else extra  # not `or {}`: a falsy non-object such as [] or "" must be rejected
         if not isinstance(extra, Mapping):
             raise ConfigError(f"additional_config['{ADDITIONAL_CONFIG_KEY}'] must be a JSON object, got {extra!r}")
         allowed = [f.name for f in fields(cls) if f.name not in VLLM_FIELDS]
