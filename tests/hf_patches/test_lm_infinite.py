@@ -63,8 +63,9 @@ def _brute_force_lambda(q_pre, k_pre, v, q_pos, k_pos, n_global, n_local, limit,
     return out
 
 
+@pytest.mark.parametrize("limit", [5, 1, 3, 11], ids=lambda x: f"limit{x}")  # 5 = n_local, the default
 @pytest.mark.parametrize("left_pad", [0, 3], ids=["nopad", "leftpad3"])
-def test_lambda_attention_matches_brute_force(left_pad):
+def test_lambda_attention_matches_brute_force(left_pad, limit):
     b, hq, hkv, t, d = 2, 4, 2, 19, 8
     f = _inv_freq(d)
     q_pre, k_pre, v = torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
@@ -75,7 +76,7 @@ def test_lambda_attention_matches_brute_force(left_pad):
     q_pos = k_pos.clamp(min=0)
     q = naive_rope_rotate(q_pre, q_pos, f)
     k = naive_rope_rotate(k_pre, q_pos, f)
-    kw = dict(n_global=3, n_local=5, limit=5, inv_freq=f)
+    kw = dict(n_global=3, n_local=5, limit=limit, inv_freq=f)
     expect = _brute_force_lambda(q_pre, k_pre, v, q_pos, k_pos, **kw)
     got_dense = dense_lambda_attention(q, k, v, LambdaPositions(q_pos, k_pos), **kw)
     got_chunk = chunked_lambda_attention(q, k, v, LambdaPositions(q_pos, k_pos), chunk=4, **kw)
@@ -279,8 +280,9 @@ def test_attention_key_without_apply_patches_and_packed_positions_raise():
         model(torch.randint(0, 96, (1, 7)), position_ids=packed)
 
 
+@pytest.mark.parametrize("limit", [None, 2, 13], ids=lambda x: f"limit{x}")  # None: n_local, the default
 @pytest.mark.parametrize("layout", ["ring", "fullcache", "leftpad"])
-def test_decode_fast_path_equals_reference(layout):
+def test_decode_fast_path_equals_reference(layout, limit):
     """The one-query path (fused SDPA with re-rotated sinks) equals the chunked reference, on CPU.
 
     ``ring``: the bounded cache after wrapping returns window keys in slot order (a rotation of position
@@ -290,7 +292,7 @@ def test_decode_fast_path_equals_reference(layout):
 
     b, hq, hkv, d, n_g, n_local, length = 2, 4, 2, 16, 3, 8, 30
     f = _inv_freq(d)
-    cfg = LMInfiniteConfig(n_global=n_g, n_local=n_local).resolved(64)
+    cfg = LMInfiniteConfig(n_global=n_g, n_local=n_local, limit_distance=limit).resolved(64)
     mask = None
     if layout == "ring":
         k_pos = torch.cat([torch.arange(n_g), torch.arange(length - n_local, length)]).repeat(b, 1)

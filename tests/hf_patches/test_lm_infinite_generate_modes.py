@@ -88,3 +88,37 @@ def test_static_cache_refuses_batch_changes_it_cannot_make_in_place(decode, monk
                  lambda: cache.crop(2), cache.layers[0].offload, cache.layers[0].prefetch):
         with pytest.raises(NotImplementedError, match="LMInfiniteStaticCache"):
             call()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_distance_limit_away_from_its_default_in_every_decode_mode(mode, monkeypatch):
+    """``limit_distance`` other than ``n_local`` reaches every path: each decode mode equals the full cache with the
+    same limit, and the scores differ from those with the default limit (the option is really used)."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    ids, mask = left_padded(model.config.vocab_size, [26, 19])
+    gen = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    scores = {}
+    for limit in (4, 17, None):
+        out = {}
+        for name, cfg in (("full", LMInfiniteConfig(N_GLOBAL, N_LOCAL, limit, bounded_cache=False)),
+                          (mode, LMInfiniteConfig(N_GLOBAL, N_LOCAL, limit, decode=mode))):
+            longkit.remove_patches(model)
+            if mode == "cuda_graph" and name == mode:
+                _patch_cfg_graph(model, cfg, monkeypatch)
+            else:
+                longkit.apply_patches(model, lm_infinite=cfg)
+            out[name] = model.generate(ids, **gen)
+        assert torch.equal(out[mode].sequences, out["full"].sequences), limit
+        torch.testing.assert_close(torch.stack(out[mode].scores), torch.stack(out["full"].scores), atol=1e-5,
+                                   rtol=1e-5)
+        scores[limit] = torch.stack(out["full"].scores)
+    assert (scores[4] - scores[None]).abs().max() > 1e-3 and (scores[17] - scores[None]).abs().max() > 1e-3
+
+
+def _patch_cfg_graph(model, cfg, monkeypatch):
+    monkeypatch.setattr(lmi, "_graph_device_ok", lambda m: True)
+    longkit.apply_patches(model, lm_infinite=cfg)
+    install_runner(model, runner=_CheckingRunner(model, lambda c: isinstance(c, LMInfiniteStaticCache), monkeypatch))
+    _route_decode_through_compiled_call(model)

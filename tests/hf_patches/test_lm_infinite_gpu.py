@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_cuda_prefill_and_decode_match_cpu_reference(model_type, monkeypatch):
     a window one key too narrow must fail that bound."""
     from longkit.kernels.testing import assert_close
 
-    cfg = LMInfiniteConfig(n_global=4, n_local=64)
+    cfg = LMInfiniteConfig(n_global=4, n_local=64, limit_distance=48)  # a limit away from its default
     model = tiny_model(model_type, max_position_embeddings=64, hidden_size=256, num_attention_heads=4,
                        num_key_value_heads=2, **({"head_dim": 64} if model_type == "qwen3" else {}))
     model.generation_config.eos_token_id = None  # both runs generate every step (equal lengths)
@@ -98,7 +99,7 @@ def test_cuda_prefill_and_decode_match_cpu_reference(model_type, monkeypatch):
     # Bounded-cache generation equals full-cache generation on the GPU too.
     gen = dict(max_new_tokens=40, do_sample=False, output_scores=True, return_dict_in_generate=True)
     a = gpu.generate(ids, attention_mask=torch.ones_like(ids), **gen)
-    longkit.apply_patches(gpu, lm_infinite=LMInfiniteConfig(n_global=4, n_local=64, bounded_cache=False))
+    longkit.apply_patches(gpu, lm_infinite=replace(cfg, bounded_cache=False))
     b = gpu.generate(ids, attention_mask=torch.ones_like(ids), **gen)
     assert_greedy_equal_up_to_near_ties(a, b, ids.shape[1], model32)
 
