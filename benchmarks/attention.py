@@ -3,7 +3,7 @@
 TFLOP/s count only visible (query, key) pairs, exactly (per-row closed forms): forward = 4·D per pair,
 forward+backward = 3.5x forward. Usage (on a GPU)::
 
-    PYTHONPATH=. python benchmarks/attention.py --out-dir $OUT [--hd 64 128] [--seqlens 4096 16384 65536]
+    PYTHONPATH=. python benchmarks/attention.py [--out-dir DIR] [--hd 64 128] [--seqlens 4096 16384 65536]
         [--masks causal causal_gqa lambda lambda_qglobal documents shared_prefix] [--no-flex] [--tag part1]
 
 Shapes: B·T = 65536 tokens, H = 32 (MHA; ``causal_gqa``: 32 query heads on 8 kv heads, as Llama-3-8B).
@@ -235,7 +235,7 @@ def sweep(args: argparse.Namespace) -> None:
 
     import triton.testing
 
-    from longkit.kernels.masked_attn import flash
+    from longkit.kernels.masked_attn import launch as flash
 
     mods = [("current", flash)] + [(Path(p).stem, _load_module(p)) for p in args.ref_kernel]
     fwd_cfgs = args.fwd_cfgs if args.fwd_cfgs is not None else FWD_SWEEP
@@ -341,7 +341,7 @@ def precompile(args: argparse.Namespace, workers: int) -> None:
     # only longkit's Triton kernels. Flex in parallel jobs was slower than compiling it in the timed process:
     # 15 jobs with Inductor's own worker pools thrashed 16 cores (an H200 run timed out before the first row),
     # and 12 jobs with one compile thread each had not finished after 560 s, where the timed process alone
-    # compiles Flex for two masks in 60-250 s (session 7, docs/kernel_notes.md)
+    # compiles Flex for two masks in 60-250 s (BENCHMARKS.md, "Running it")
     common = [sys.executable, __file__, "--warm-only", "--no-flex"]
     if args.no_bwd:
         common.append("--no-bwd")
@@ -389,11 +389,11 @@ def main() -> None:
                     help="compile longkit's kernels first in this many parallel processes (warms Triton's disk cache)")
     ap.add_argument("--compile-cache", type=Path, default=None,
                     help="keep Inductor's and Triton's compiled kernels here (Flex's compiles dominate a run; a cache "
-                         "carried to the next device call skips them)")
+                         "kept for a later run skips them)")
     ap.add_argument("--rep-ms", type=int, default=None,
                     help="time each row for about this long (Triton's do_bench; the median is reported). Default 100 "
                          "(50 in a sweep): one call of a 64k forward+backward, and a sweep's single rows of the same "
-                         "kernel differed by up to 15%% at 16k (session 10), so longer windows give steadier medians")
+                         "kernel differed by up to 15%% at 16k, so longer windows give steadier medians")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every implementation of a case this many times, in rotated order, and report the "
                          "median (all are compiled and run once before any timing)")

@@ -9,7 +9,7 @@ before, every call did them, and the GPU idled while the host caught up. One run
 * ``new_mask_per_call``: ``masked_attention`` with a fresh, equal mask object on every call (the checks and
   tables redone each call: what every call cost before the memo).
 
-    PYTHONPATH=. python benchmarks/mask_overhead.py --out-dir $OUT [--hd 128 64] [--seqlen 16384]
+    PYTHONPATH=. python benchmarks/mask_overhead.py [--out-dir DIR] [--hd 128 64] [--seqlen 16384]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    from longkit.kernels.masked_attn import flash
+    from longkit.kernels.masked_attn import launch as flash
 
     rows: list[dict[str, Any]] = []
     for D in args.hd:

@@ -9,26 +9,23 @@ Triton is never imported here (only looked up), so ``import longkit.kernels`` st
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 
 import torch
 
+from longkit.kernels import envs
+from longkit.kernels.envs import triton_interpreting  # re-exported: part of this module's interface
+
 __all__ = ["select_impl", "triton_available", "triton_interpreting", "IMPLS", "ENV_VAR"]
 
 IMPLS = ("auto", "triton", "naive")
-ENV_VAR = "LONGKIT_KERNEL_IMPL"
+ENV_VAR = envs.KERNEL_IMPL
 _warned: set[str] = set()
 
 
 def triton_available() -> bool:
     """True when the ``triton`` package is installed (not imported)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1`` (Triton kernels run on CPU tensors, slowly: tests only)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def select_impl(impl: str | None, device: torch.device, op: str) -> str:
@@ -46,7 +43,7 @@ def select_impl(impl: str | None, device: torch.device, op: str) -> str:
     """
     source = "impl"
     if impl is None:
-        impl = os.environ.get(ENV_VAR) or "auto"
+        impl = envs.kernel_impl()
         source = ENV_VAR
     impl = impl.lower()
     if impl not in IMPLS:
@@ -59,7 +56,7 @@ def select_impl(impl: str | None, device: torch.device, op: str) -> str:
                 f"{op}: {source}='triton' was requested but Triton is not installed "
                 "(pip install 'longkit[triton]'), or use impl='naive'"
             )
-        if device.type != "cuda" and not triton_interpreting():
+        if device.type != "cuda" and not envs.triton_interpreting():
             raise RuntimeError(
                 f"{op}: {source}='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 "
                 "to run the Triton kernel on CPU tensors (slow, for tests)"

@@ -166,7 +166,7 @@ def test_naive_global_equals_plain_when_global_is_same() -> None:
 @pytest.mark.parametrize("dkdv", ["tma", "pointer"])
 def test_triton_matches_naive(c: Case, dkdv: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``tma``: dk/dv from the TMA-descriptor kernel (``dkdv_tma.py``, the default on Hopper); ``pointer``: from
-    ``flash._bwd_dkdv_kernel`` (other GPUs, inputs TMA cannot read)."""
+    ``bwd._bwd_dkdv_kernel`` (other GPUs, inputs TMA cannot read)."""
     if dkdv != "pointer" and c.D not in (16, 32, 64, 128):
         pytest.skip("the TMA dk/dv runs for power-of-two head dims only")
     monkeypatch.setenv("LONGKIT_ATTN_TMA_DKDV", "0" if dkdv == "pointer" else "1")
@@ -179,14 +179,14 @@ def test_triton_other_kv_loop_structure(c: Case, monkeypatch: pytest.MonkeyPatch
     """The forward and dq kernels walk a query block's kv blocks either in one loop (masked blocks by a run-time
     branch) or in three (masked head, unmasked middle, masked diagonal), picked per case by the launcher.
     ``test_triton_matches_naive`` runs the picked structure; this forces the other one, kernel by kernel."""
-    from longkit.kernels.masked_attn import flash
+    from longkit.kernels.masked_attn import plan
 
     m = c.mask
-    flags = {**flash._flags(m.n_local or 0, m.cu_seqlens, m.prefix_segments, None), "USE_GLOBAL": c.use_global}
-    other = [kernel for kernel in ("fwd", "dq") if not flash._merged_loops(kernel, c.D, flags)]
+    flags = {**plan.mask_flags(m.n_local or 0, m.cu_seqlens, m.prefix_segments, None), "USE_GLOBAL": c.use_global}
+    other = [kernel for kernel in ("fwd", "dq") if not plan.merged_loops(kernel, c.D, flags)]
     monkeypatch.setenv("LONGKIT_ATTN_MERGED_LOOPS", ",".join(other) or "none")
     for kernel in ("fwd", "dq"):  # the override really flips both kernels
-        assert flash._merged_loops(kernel, c.D, flags) == (kernel in other)
+        assert plan.merged_loops(kernel, c.D, flags) == (kernel in other)
     _compare(c)
 
 
@@ -222,21 +222,23 @@ def test_triton_ws_paired_forward(c: Case, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_ws_paired_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """``LONGKIT_ATTN_WS_FWD_PAIRED``: 0/1 only; forced either way it is obeyed; unset, off under the interpreter."""
-    from longkit.kernels.masked_attn import fwd_ws
+    from longkit.kernels import envs
+    from longkit.kernels.masked_attn import plan
 
-    monkeypatch.setattr(fwd_ws, "_interpreting", lambda: True)
-    assert not fwd_ws.ws_fwd_paired(4096, 128)
-    monkeypatch.setattr(fwd_ws, "_interpreting", lambda: False)
-    assert fwd_ws.ws_fwd_paired(4096, 128)
-    assert not fwd_ws.ws_fwd_paired(4096 + 128, 128)  # an odd number of blocks would repeat work
-    assert not fwd_ws.ws_fwd_paired(2 * fwd_ws.PAIRED_MAX_TQ, 128)
+    # plan reads TRITON_INTERPRET through envs.triton_interpreting: patched there
+    monkeypatch.setattr(envs, "triton_interpreting", lambda: True)
+    assert not plan.ws_fwd_paired(4096, 128)
+    monkeypatch.setattr(envs, "triton_interpreting", lambda: False)
+    assert plan.ws_fwd_paired(4096, 128)
+    assert not plan.ws_fwd_paired(4096 + 128, 128)  # an odd number of blocks would repeat work
+    assert not plan.ws_fwd_paired(2 * plan.PAIRED_MAX_TQ, 128)
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "1")
-    assert fwd_ws.ws_fwd_paired(4096 + 128, 128)
+    assert plan.ws_fwd_paired(4096 + 128, 128)
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "0")
-    assert not fwd_ws.ws_fwd_paired(4096, 128)
+    assert not plan.ws_fwd_paired(4096, 128)
     monkeypatch.setenv("LONGKIT_ATTN_WS_FWD_PAIRED", "auto")
     with pytest.raises(ValueError, match="must be 0 or 1"):
-        fwd_ws.ws_fwd_paired(4096, 128)
+        plan.ws_fwd_paired(4096, 128)
 
 
 @needs_interpreter
@@ -273,19 +275,18 @@ def test_triton_ws_dkdv(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_ws_dkdv_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """``LONGKIT_ATTN_WS_DKDV``: 0/1 only; off by default under the interpreter; ``=1`` on a mask the pass cannot
     compile (shared prefix, documents with a window) or on non-contiguous inputs is a clear error."""
-    from longkit.kernels.masked_attn.dkdv_tma import ws_dkdv_enabled
-    from longkit.kernels.masked_attn.flash import _flags
+    from longkit.kernels.masked_attn.plan import mask_flags, ws_dkdv_enabled
 
     x = torch.randn(1, 2, 12, 16)
-    plain = _flags(0, None, None, None)
+    plain = mask_flags(0, None, None, None)
     assert not ws_dkdv_enabled(x, x, x, x, plain)
     monkeypatch.setenv("LONGKIT_ATTN_WS_DKDV", "1")
     assert ws_dkdv_enabled(x, x, x, x, plain)
     cu, seg = torch.tensor([0, 12]), torch.tensor([[2, 5]])
-    for flags in (_flags(0, None, seg, None), _flags(4, cu, None, None)):
+    for flags in (mask_flags(0, None, seg, None), mask_flags(4, cu, None, None)):
         with pytest.raises(ValueError, match="shared prefix, or documents with a window"):
             ws_dkdv_enabled(x, x, x, x, flags)
-    assert ws_dkdv_enabled(x, x, x, x, _flags(4, None, None, None))
+    assert ws_dkdv_enabled(x, x, x, x, mask_flags(4, None, None, None))
     with pytest.raises(ValueError, match="contiguous"):
         ws_dkdv_enabled(x, x, x, x.transpose(1, 2).contiguous().transpose(1, 2), plain)
     monkeypatch.setenv("LONGKIT_ATTN_WS_DKDV", "on")
@@ -297,21 +298,20 @@ def test_ws_dkdv_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_ws_forward_switch() -> None:
     """``LONGKIT_ATTN_WS_FWD``: 0/1 only; ``=1`` with a mask or inputs the kernel cannot take is a clear error;
     unset, it stays off under the interpreter (the pointer forward is the one the other tests check)."""
-    from longkit.kernels.masked_attn.flash import _flags
-    from longkit.kernels.masked_attn.fwd_ws import ws_fwd_enabled
+    from longkit.kernels.masked_attn.plan import mask_flags, ws_fwd_enabled
 
     x = torch.randn(1, 2, 9, 16)
-    plain = _flags(0, None, None, None)
+    plain = mask_flags(0, None, None, None)
     mp = pytest.MonkeyPatch()
     try:
         assert not ws_fwd_enabled(x, x, x, plain)
         mp.setenv("LONGKIT_ATTN_WS_FWD", "1")
         assert ws_fwd_enabled(x, x, x, plain)
-        assert ws_fwd_enabled(x, x, x, _flags(8, None, None, None), n_global=4)  # Λ
+        assert ws_fwd_enabled(x, x, x, mask_flags(8, None, None, None), n_global=4)  # Λ
         with pytest.raises(ValueError, match="documents, a shared prefix or the distance limit"):
-            ws_fwd_enabled(x, x, x, _flags(8, torch.tensor([0, 9]), None, None))
+            ws_fwd_enabled(x, x, x, mask_flags(8, torch.tensor([0, 9]), None, None))
         with pytest.raises(ValueError, match="more than the 16 keys of a kv block"):  # the interpreter's tiles
-            ws_fwd_enabled(x, x, x, _flags(8, None, None, None), n_global=17)
+            ws_fwd_enabled(x, x, x, mask_flags(8, None, None, None), n_global=17)
         with pytest.raises(ValueError, match="head dim 24"):
             ws_fwd_enabled(*(torch.randn(1, 2, 9, 24),) * 3, plain)
         with pytest.raises(ValueError, match="contiguous"):
@@ -368,7 +368,7 @@ def test_triton_distance_limit_sink_chunks(c: Case, chunk: str, monkeypatch: pyt
 def test_tma_dkdv_switch_and_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
     """``LONGKIT_ATTN_TMA_DKDV`` accepts 0/1 only; ``=1`` on inputs TMA cannot read (a base address off by 2
     bytes) is a clear error, and by default such inputs fall back to the pointer kernel with the same result."""
-    from longkit.kernels.masked_attn.dkdv_tma import tma_dkdv_enabled
+    from longkit.kernels.masked_attn.plan import tma_dkdv_enabled
 
     x = torch.randn(1, 2, 9, 16)
     assert tma_dkdv_enabled(x, x, x, x)
@@ -400,37 +400,37 @@ def test_tma_dkdv_switch_and_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_kernel_config_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
-    from longkit.kernels.masked_attn import flash
+    from longkit.kernels.masked_attn import configs, plan
 
     monkeypatch.setenv("LONGKIT_ATTN_BWD_CONFIG", "16,16,4;16,16,4,1")
     with pytest.raises(ValueError, match="expected 'BM,BN,warps,stages'"):
-        flash._bwd_config(64, {})
+        configs.bwd_config(64, {})
     monkeypatch.setenv("LONGKIT_ATTN_SINK_CHUNK", "0")
     with pytest.raises(ValueError, match="LONGKIT_ATTN_SINK_CHUNK must be a positive integer"):
-        flash._sink_chunk(8, 4, torch.device("cpu"))
+        plan.sink_chunk(8, 4, torch.device("cpu"))
     monkeypatch.setenv("LONGKIT_ATTN_GQA_SPLIT", "3")
     with pytest.raises(ValueError, match="must be a divisor of the GQA group size 4"):
-        flash._gqa_heads_per_program(4, 1 << 20, 64)
+        plan.gqa_heads_per_program(4, 1 << 20, 64)
 
 
 def test_grid_limit_is_a_clear_error() -> None:
-    from longkit.kernels.masked_attn import flash
+    from longkit.kernels.masked_attn import launch
 
-    flash.check_grid(2047, 32)  # 65504 programs per kv/query block: fine
+    launch.check_grid(2047, 32)  # 65504 programs per kv/query block: fine
     with pytest.raises(ValueError, match="2048 x 32 = 65536 exceeds 65535.*at most 2047 rows"):
-        flash.check_grid(2048, 32)
+        launch.check_grid(2048, 32)
 
 
 def test_gqa_split_respects_the_scratch_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    from longkit.kernels.masked_attn import flash
+    from longkit.kernels.masked_attn import plan
 
     monkeypatch.delenv("LONGKIT_ATTN_GQA_SPLIT", raising=False)
-    budget = flash.GQA_SPLIT_BUDGET
-    assert flash._gqa_heads_per_program(8, budget, 64) == 1
-    assert flash._gqa_heads_per_program(8, budget + 1, 64) == 2
-    assert flash._gqa_heads_per_program(8, 4 * budget + 1, 64) == 8  # no divisor fits: the whole group
-    assert flash._gqa_heads_per_program(1, 100 * budget, 64) == 1
-    assert flash._gqa_heads_per_program(8, 1 << 20, 128) == 8  # not split above hd 64
+    budget = plan.GQA_SPLIT_BUDGET
+    assert plan.gqa_heads_per_program(8, budget, 64) == 1
+    assert plan.gqa_heads_per_program(8, budget + 1, 64) == 2
+    assert plan.gqa_heads_per_program(8, 4 * budget + 1, 64) == 8  # no divisor fits: the whole group
+    assert plan.gqa_heads_per_program(1, 100 * budget, 64) == 1
+    assert plan.gqa_heads_per_program(8, 1 << 20, 128) == 8  # not split above hd 64
 
 
 @needs_interpreter
@@ -552,25 +552,25 @@ def test_mask_tensors_moved_once_per_device() -> None:
 
 
 def test_mask_tables_memoised_per_tensor_and_version() -> None:
-    """``flash.mask_tables`` returns the same tables for the same mask tensors, rebuilds them after an in-place
+    """``tables.mask_tables`` returns the same tables for the same mask tensors, rebuilds them after an in-place
     change or for another tensor with equal values, and stays bounded."""
     pytest.importorskip("triton")
-    from longkit.kernels.masked_attn import flash
+    from longkit.kernels.masked_attn import tables
 
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     seg = torch.tensor([[1, 2], [2, 4]], dtype=torch.int32)
-    a = flash.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))
-    assert flash.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))[0] is a[0]
+    a = tables.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))
+    assert tables.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))[0] is a[0]
     cu[1] = 5
-    b = flash.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))
+    b = tables.mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))
     assert b[0] is not a[0]
-    for x, y in zip(b, flash.build_mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))):
+    for x, y in zip(b, tables.build_mask_tables(1, 10, 10, 0, cu, seg, torch.device("cpu"))):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     other = cu.clone()
-    assert flash.mask_tables(1, 10, 10, 0, other, seg, torch.device("cpu"))[0] is not b[0]
-    for i in range(flash._TABLE_CACHE_SIZE + 3):
-        flash.mask_tables(1, 10 - i % 2, 10, i % 2, torch.tensor([0, 1 + i % 9, 10]), None, torch.device("cpu"))
-    assert len(flash._TABLE_CACHE) <= flash._TABLE_CACHE_SIZE
+    assert tables.mask_tables(1, 10, 10, 0, other, seg, torch.device("cpu"))[0] is not b[0]
+    for i in range(tables._TABLE_CACHE_SIZE + 3):
+        tables.mask_tables(1, 10 - i % 2, 10, i % 2, torch.tensor([0, 1 + i % 9, 10]), None, torch.device("cpu"))
+    assert len(tables._TABLE_CACHE) <= tables._TABLE_CACHE_SIZE
 
 
 @needs_interpreter

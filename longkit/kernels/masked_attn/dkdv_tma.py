@@ -1,35 +1,32 @@
-"""dk/dv of the masked attention backward on Hopper, with every load through a TMA tensor descriptor.
+"""dk/dv kernels of the masked attention backward for Hopper, with every load through a TMA tensor descriptor.
 
-Same math as :func:`flash._dkdv_inner` (deterministic, one program per kv block and kv head, the GQA group's
-query heads walked in one flat loop). Two differences from the pointer kernel in ``flash.py``:
+Same math as the pointer dk/dv (:func:`bwd._dkdv_inner`: deterministic, one program per kv block and kv head, the GQA
+group's query heads walked in one flat loop). Two differences from the pointer kernel:
 
-* q, dO, lse, delta and the query mask table are loaded by TMA (``TensorDescriptor``): no address arithmetic or
-  bounds masks in registers, and out-of-bounds rows come back as zeros;
+* q, dO, lse, delta and the query mask table are loaded by TMA: no address arithmetic or bounds masks in registers,
+  and out-of-bounds rows come back as zeros;
 * one loop covers every query block that sees the kv block and applies the elementwise mask on each (no
   masked / unmasked loop split). That costs a compare and a select per score and was measured cheaper than the
   split's extra loops.
 
-H200, 16k, bf16, same run (``benchmarks/results/attention_sweep_h200_tma_dkdv.json``), with the tiles chosen here:
-dk/dv 1.28-1.37x faster than the pointer kernel at hd 128 and 1.01-1.25x at hd 64, on every mask kind.
+H200, 16k, bf16, same run (``benchmarks/results/attention_sweep_h200_tma_dkdv.json``), with the tiles of
+``configs.py``: dk/dv 1.28-1.37x faster than the pointer kernel at hd 128 and 1.01-1.25x at hd 64, on every mask kind.
 
-``_bwd_dkdv_ws_kernel`` is the same step under Triton 3.6's Hopper warp specialisation (``tl.range(...,
-warp_specialize=True)``: a producer warp issues the loads). Session 7's specialised forms, with 4-D descriptors in the
-loop, hung or gave wrong dk/dv on an H200; this one uses 2-D descriptors over flattened rows, made in the kernel, and
-``[1, BLOCK_M]`` row tables, and matches the plain kernel bit for bit. It is the hd 128 default for causal / GQA / Λ
-(backward 1.02-1.06x, ``attention_sweep_h200_ws_dkdv_16k.json``; ``docs/kernel_notes.md`` has the log).
+:func:`_bwd_dkdv_ws_kernel` is the same step under Triton 3.6's Hopper warp specialisation (``tl.range(...,
+warp_specialize=True)``: a producer warp issues the loads). Specialised forms with 4-D descriptors in the loop hung
+or gave wrong dk/dv on an H200; this one uses 2-D descriptors over flattened rows, made in the kernel
+(``tma_ws.py``), and ``[1, BLOCK_M]`` row tables, and matches the plain kernel bit for bit. It is the hd 128 default
+for causal / GQA / Λ (backward 1.02-1.06x, ``attention_sweep_h200_ws_dkdv_16k.json``; ``docs/kernel_notes.md`` has
+the log). ``plan.py`` decides which of the two runs, ``launch_hopper.py`` builds their descriptors and launches them.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .flash import _LOG2E, _interpreting, _kv_block_rows, _parse_cfg, _visible
-from .tma_ws import ensure_allocator, flat_rows_desc, ws_switch
+from ._jit import _kv_block_rows, _visible
+from .tma_ws import flat_rows_desc
 
 
 @triton.jit
@@ -189,142 +186,3 @@ def _bwd_dkdv_ws_kernel(
     out = (bh.to(tl.int64) * Tk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=msk)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=msk)
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """TMA's constraints: 16-byte aligned base and strides, unit stride in the last dimension (and no stride-0
-    broadcast dimension)."""
-    e = t.element_size()
-    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-            and all((s * e) % 16 == 0 and (s > 0 or n == 1) for s, n in zip(t.stride()[:-1], t.shape[:-1])))
-
-
-def tma_dkdv_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> bool:
-    """Whether the TMA dk/dv runs: by default on Hopper (sm_90) at head dims 64 and 128 (measured and GPU-tested)
-    and under the interpreter (tests) at 16, 32, 64 and 128, when every input meets TMA's alignment; else the
-    pointer kernel runs. Other head dims would need a zero-padded TMA box (not built). ``LONGKIT_ATTN_TMA_DKDV=0``
-    turns it off; ``=1`` turns it on for 16/32/64/128 on any GPU and raises if the inputs cannot use it."""
-    env = os.environ.get("LONGKIT_ATTN_TMA_DKDV")
-    if env not in (None, "", "0", "1"):
-        raise ValueError(f"LONGKIT_ATTN_TMA_DKDV must be 0 or 1, got {env!r}")
-    if env == "0":
-        return False
-    D = q.shape[-1]
-    if D not in (16, 32, 64, 128):
-        if env == "1":
-            raise ValueError(f"LONGKIT_ATTN_TMA_DKDV=1 but head dim {D} is not one of 16, 32, 64, 128; unset it to "
-                             "use the pointer kernel")
-        return False
-    if not all(_aligned(t) for t in (q, k, v, grad_out)):
-        if env == "1":
-            raise ValueError("LONGKIT_ATTN_TMA_DKDV=1 but q/k/v/grad_out are not TMA-aligned (16-byte base and "
-                             "strides, contiguous last dim); unset it to use the pointer kernel")
-        return False
-    if env == "1" or _interpreting():
-        return True
-    # by default only where it was measured and GPU-tested: Hopper, head dims 64 and 128
-    return D in (64, 128) and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-
-
-def tma_dkdv_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
-    """Tiles, from a same-run H200 sweep at 16k (``attention_sweep_h200_tma_dkdv.json``): hd 128 takes 3 pipeline
-    stages except with a window (2 were 3% faster there); hd 64 a 32-row query tile on 4 warps.
-    ``LONGKIT_ATTN_TMA_DKDV_CONFIG="BM,BN,warps,stages"`` overrides (tuning, tests)."""
-    env = os.environ.get("LONGKIT_ATTN_TMA_DKDV_CONFIG")
-    if env:
-        return _parse_cfg(env)
-    if _interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 64:
-        return {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2 if flags["HAS_WINDOW"] else 3}
-
-
-def ws_dkdv_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
-                    flags: dict[str, bool]) -> bool:
-    """Whether the warp-specialised TMA dk/dv (``_bwd_dkdv_ws_kernel``) runs instead of the plain TMA one. It takes
-    contiguous aligned q/k/v/dO, head dims 16-128, and every mask but shared prefix and documents with a window
-    (Triton's warp-specialisation pass fails to compile those two). By default: Hopper, head dim 128, causal /
-    GQA / Λ (with or without the distance limit), where an H200 sweep at 16k measured the backward 1.02-1.06x
-    faster (documents 1.00x, hd 64 mostly slower; ``attention_sweep_h200_ws_dkdv_16k.json``).
-    ``LONGKIT_ATTN_WS_DKDV``: see :func:`tma_ws.ws_switch`."""
-    problem = None
-    if flags["HAS_PREFIX"] or (flags["HAS_DOCS"] and flags["HAS_WINDOW"]):
-        problem = ("the mask has a shared prefix, or documents with a window (Triton's warp-specialisation pass "
-                   "fails there)")
-    return ws_switch("LONGKIT_ATTN_WS_DKDV", problem, (q, k, v, grad_out), "q/k/v/grad_out", "the plain TMA dk/dv",
-                     q.shape[-1] == 128 and not flags["HAS_DOCS"])
-
-
-def ws_dkdv_config(head_dim: int, tma_cfg: dict[str, int]) -> dict[str, int]:
-    """Tiles of the warp-specialised dk/dv; the kv tile must be the plain TMA kernel's (the distance limit's sink
-    launch is sized by it). ``LONGKIT_ATTN_WS_DKDV_CONFIG="BM,BN,warps,stages"`` overrides (tuning)."""
-    env = os.environ.get("LONGKIT_ATTN_WS_DKDV_CONFIG")
-    if env:
-        cfg = _parse_cfg(env)
-        if cfg["BLOCK_N"] != tma_cfg["BLOCK_N"]:
-            raise ValueError(f"LONGKIT_ATTN_WS_DKDV_CONFIG kv tile {cfg['BLOCK_N']} must equal the TMA dk/dv's "
-                             f"({tma_cfg['BLOCK_N']})")
-        return cfg
-    if _interpreting():
-        return dict(tma_cfg)
-    # 4 warps (the pass adds the producer warp); at hd 128 two stages were fastest on every mask of the sweep
-    if head_dim > 64:
-        return {**tma_cfg, "num_warps": 4, "num_stages": 2}
-    return {**tma_cfg, "num_warps": 4}
-
-
-def _rows_2d(t: torch.Tensor, rows: int, cols: int, fill: float | int = 0) -> torch.Tensor:
-    """``t`` as a ``[rows, cols]`` tensor whose row stride is a multiple of 16 bytes (TMA), copied only when
-    ``cols`` needs padding."""
-    per16 = 16 // t.element_size()
-    pad = -cols % per16
-    t2 = t.reshape(rows, cols)
-    if pad == 0:
-        return t2
-    out = torch.full((rows, cols + pad), fill, dtype=t.dtype, device=t.device)
-    out[:, :cols] = t2
-    return out[:, :cols]
-
-
-def _desc_2d(t: torch.Tensor, block_cols: int) -> TensorDescriptor:
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_cols])
-
-
-def launch_tma_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
-                   delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, meta_q: torch.Tensor,
-                   meta_k: torch.Tensor, s_mkb: int, q_offset: int, n_global: int, n_local: int,
-                   scale: float, flags: dict[str, bool], blk_off: int, cfg: dict[str, int]) -> object:
-    """dk, dv of kv blocks ``blk_off..`` into contiguous ``dk``/``dv`` (``[B, Hkv, Tk, D]``). ``lse``: the
-    forward's (natural log, ``[B, Hq, Tq]``); ``delta`` ``[B, Hq, Tq]`` contiguous; ``meta_q`` as from
-    :func:`flash.build_mask_tables`."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    # lse in base 2, -inf (rows that see no key) as +inf so that p = 0; row tables with 16-byte aligned rows
-    lse_r = _rows_2d(torch.where(lse == float("-inf"), float("inf"), lse * _LOG2E), B * Hq, Tq)
-    delta_r = _rows_2d(delta, B * Hq, Tq)
-    has_mq = flags["HAS_DOCS"] or flags["HAS_PREFIX"]
-    mq_r = _rows_2d(meta_q, meta_q.shape[0] * 3, Tq) if has_mq else lse_r  # placeholder, never read
-    mq_rows_per_b = 3 if has_mq and meta_q.shape[0] > 1 else 0
-    grid = (triton.cdiv(Tk, bn) - blk_off, B * Hkv)
-    mask_flags = {"HAS_WINDOW": flags["HAS_WINDOW"], "HAS_DOCS": flags["HAS_DOCS"], "HAS_PREFIX": flags["HAS_PREFIX"]}
-    if ws_dkdv_enabled(q, k, v, grad_out, flags):
-        if q.is_cuda:
-            ensure_allocator()
-        return _bwd_dkdv_ws_kernel[grid](
-            q, k, v, grad_out, lse_r, delta_r, mq_r, dk, dv, meta_k, lse_r.stride(0), mq_r.stride(0), mq_r.shape[0],
-            mq_rows_per_b, s_mkb, B, Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale,
-            blk_off, GROUP=Hq // Hkv, HEAD_DIM=D, **mask_flags, **ws_dkdv_config(D, cfg),
-        )
-    block_d = max(16, triton.next_power_of_2(D))
-    qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, bm, block_d])
-    dod = TensorDescriptor(grad_out, list(grad_out.shape), list(grad_out.stride()), [1, 1, bm, block_d])
-    kd = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, block_d])
-    vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, block_d])
-    lse_d, delta_d, mq_d = (_desc_2d(t, bm) for t in (lse_r, delta_r, mq_r))
-    return _bwd_dkdv_tma_kernel[grid](
-        qd, kd, vd, dod, lse_d, delta_d, mq_d, dk, dv, meta_k, mq_rows_per_b, s_mkb,
-        Hq, Hkv, Tq, Tk, q_offset, n_global, max(n_local, 0), scale * _LOG2E, scale, blk_off,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, **mask_flags, **cfg,
-    )

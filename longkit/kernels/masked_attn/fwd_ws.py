@@ -1,28 +1,27 @@
-"""Causal and Λ forward on Hopper with TMA loads and warp specialisation (plain causal, GQA and sink + window masks).
+"""Causal and Λ forward kernels for Hopper: TMA loads and warp specialisation (plain causal, GQA, sinks + window).
 
-Same math and outputs as :func:`flash._fwd_kernel` restricted to the causal and Λ masks (``q_offset`` included):
-no documents, shared prefix or q_global. Why a second kernel: an ``ncu`` profile of the hd 128 × 4k causal
-forward (H200, ``docs/kernel_notes.md``) put 23% of the pointer kernel's warp time outside its unmasked kv loop
-(loading q, filling the software pipeline, the diagonal block, the epilogue), at one CTA per SM with nothing to
-overlap it, and 16 ``cp.async`` plus their address arithmetic inside every iteration. Here every load is a TMA
-descriptor load (made in the kernel) and ``tl.range(..., warp_specialize=True)`` hands them to a producer warp,
+Same math and outputs as the pointer forward (:func:`fwd._fwd_kernel`) restricted to the causal and Λ masks
+(``q_offset`` included): no documents, shared prefix or q_global. Why a second kernel: an ``ncu`` profile of the
+hd 128 × 4k causal forward (H200, ``docs/kernel_notes.md``) put 23% of the pointer kernel's warp time outside its
+unmasked kv loop (loading q, filling the software pipeline, the diagonal block, the epilogue), at one CTA per SM with
+nothing to overlap it, and 16 ``cp.async`` plus their address arithmetic inside every iteration. Here every load is a
+TMA descriptor load (made in the kernel) and ``tl.range(..., warp_specialize=True)`` hands them to a producer warp,
 so the two consumer warpgroups only multiply and exponentiate, as cuDNN's kernel does.
 
 Triton 3.6's Hopper warp specialisation needs every load in a descriptor and a single loop body without
 data-dependent branches, so the causal mask is one compare and select per score on every block.
+
+Three programs: :func:`_fwd_ws_kernel` (one program per query block), :func:`_fwd_ws_paired_kernel` (persistent,
+over query-block pairs of equal work) and :func:`_fwd_ws_window_kernel` (the Λ mask). ``plan.py`` decides when they
+run, ``launch_hopper.py`` launches them.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-from .flash import _interpreting
-from .tma_ws import ensure_allocator, flat_rows_desc, ws_switch
+from .tma_ws import flat_rows_desc
 
 
 @triton.jit
@@ -176,8 +175,8 @@ def _fwd_ws_window_kernel(
     HAS_SINKS: tl.constexpr, WS: tl.constexpr,
 ):
     """The Λ mask (``n_global`` sinks, a window of ``n_local`` keys), program ``(i, b * Hq + h)`` as in
-    :func:`_fwd_ws_kernel`. Session 10's specialised Λ forward (slower than the pointer kernel) applied the whole
-    mask, three compares, on every score; here each row's visible keys in a block are one interval: the window's
+    :func:`_fwd_ws_kernel`. Applying the whole mask, three compares, on every score made a specialised Λ forward
+    slower than the pointer kernel; here each row's visible keys in a block are one interval: the window's
     ``pos - n_local + 1 .. pos`` in the window's blocks, and in a leading pass over block 0 the sinks outside the
     window, ``0 .. min(n_global - 1, pos - n_local)``."""
     pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
@@ -202,86 +201,3 @@ def _fwd_ws_window_kernel(
     acc, l_i, m_i = _ws_window_inner(acc, l_i, m_i, q, k_desc, v_desc, kv_row0, sm_scale_log2, j_lo, j_hi,
                                      lo_w, span_w, lo_s, span_s, HAS_SINKS, HEAD_DIM, BLOCK_N, WS)
     _ws_store(acc, l_i, m_i, Out, LSE, bh, offs_m, Tq, HEAD_DIM)
-
-
-def ws_fwd_config() -> dict[str, int]:
-    """Tiles: 128×128 on 4 warps (two consumer warpgroups and the producer the pass adds), 2 stages. Fixed on
-    purpose: on the H200 (Triton 3.6) the 3-stage and 64-wide kv-tile variants compiled, ran, and returned NaN
-    (``attention_sweep_h200_ws_{4096,16384}.json``), so no override is offered."""
-    if _interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
-
-
-# Whether the Λ mask takes the specialised forward by default at hd 128 (from the H200 sweep in BENCHMARKS.md)
-WINDOW_DEFAULT = True
-
-
-def ws_fwd_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: dict[str, bool],
-                   n_global: int = 0) -> bool:
-    """Whether the warp-specialised forward runs: plain causal / GQA masks and the Λ mask (sinks and a window, no
-    documents, shared prefix or distance limit, at most one kv block of sinks: 128), contiguous aligned inputs,
-    head dims 16-128 (powers of two); by default on Hopper at head dim 128 only (at 64 it was 1.15-1.29x slower than
-    the pointer kernel in the same H200 sweep), for Λ when ``WINDOW_DEFAULT``. ``LONGKIT_ATTN_WS_FWD``: see
-    :func:`tma_ws.ws_switch`."""
-    problem = None
-    if flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"]:
-        problem = "the mask has documents, a shared prefix or the distance limit (q_global)"
-    elif flags["HAS_WINDOW"] and n_global > ws_fwd_config()["BLOCK_N"]:
-        # its sink pass reads kv block 0 only
-        problem = f"the Λ mask has {n_global} sinks, more than the {ws_fwd_config()['BLOCK_N']} keys of a kv block"
-    default = q.shape[-1] == 128 and (WINDOW_DEFAULT or not flags["HAS_WINDOW"])
-    return ws_switch("LONGKIT_ATTN_WS_FWD", problem, (q, k, v), "q/k/v", "the pointer kernel", default)
-
-
-# Longest query length at which the persistent pair schedule is the default. Same-run H200 sweep, hd 128, forward
-# per tile / paired, mean of two rows each, causal and GQA 4:1 (attention_sweep_h200_paired_fwd_*.json): 2k 1.09-1.12x,
-# 4k 1.01-1.03x, 8k 0.99-1.02x, 16k 0.96-1.00x. It pays where the per-tile prologue and epilogue weigh most.
-PAIRED_MAX_TQ = 4096
-
-
-def ws_fwd_paired(Tq: int, block_m: int) -> bool:
-    """Whether the specialised forward runs persistent over query-block pairs (``_fwd_ws_paired_kernel``) instead of
-    one program per tile. ``LONGKIT_ATTN_WS_FWD_PAIRED``: ``0`` never, ``1`` always (an odd number of query blocks
-    then computes each head's middle block twice); unset: on a GPU when the number of query blocks is even and
-    ``Tq <= PAIRED_MAX_TQ``, off under the interpreter. Either way the outputs are the same, bit for bit."""
-    env = os.environ.get("LONGKIT_ATTN_WS_FWD_PAIRED")
-    if env not in (None, "", "0", "1"):
-        raise ValueError(f"LONGKIT_ATTN_WS_FWD_PAIRED must be 0 or 1, got {env!r}")
-    if env:
-        return env == "1"
-    return not _interpreting() and triton.cdiv(Tq, block_m) % 2 == 0 and Tq <= PAIRED_MAX_TQ
-
-
-@functools.cache
-def _n_programs(device_index: int) -> int:
-    """One persistent program per SM (a 128x128 specialised tile fills an SM's shared memory)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def launch_ws_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  q_offset: int, scale_log2: float, n_global: int = 0, n_local: int = 0) -> object:
-    """Causal forward (``n_local <= 0``) or Λ forward into contiguous ``out [B, Hq, Tq, D]`` and
-    ``lse [B, Hq, Tq]``."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    cfg = ws_fwd_config()
-    if q.is_cuda:
-        ensure_allocator()
-    n_m = triton.cdiv(Tq, cfg["BLOCK_M"])
-    if n_local > 0:
-        return _fwd_ws_window_kernel[(n_m, B * Hq)](
-            q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, n_global, n_local, scale_log2,
-            GROUP=Hq // Hkv, HEAD_DIM=D, HAS_SINKS=n_global > 0, WS=not _interpreting(), **cfg,
-        )
-    if ws_fwd_paired(Tq, cfg["BLOCK_M"]):
-        # under the interpreter 3 programs, so that the tests walk several pairs per program
-        n_prog = _n_programs(q.device.index or 0) if q.is_cuda else 3
-        return _fwd_ws_paired_kernel[(min(n_prog, B * Hq * ((n_m + 1) // 2)),)](
-            q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, scale_log2,
-            GROUP=Hq // Hkv, HEAD_DIM=D, WS=not _interpreting(), **cfg,
-        )
-    return _fwd_ws_kernel[(n_m, B * Hq)](
-        q, k, v, out, lse, B, Hq, Hkv, Tq, Tk, q_offset, scale_log2,
-        GROUP=Hq // Hkv, HEAD_DIM=D, WS=not _interpreting(), **cfg,
-    )

@@ -2,7 +2,8 @@
 
 The Triton path is registered as ``torch.ops.longkit.masked_attention_fwd`` /
 ``torch.ops.longkit.masked_attention_bwd`` with fake (meta) implementations and autograd, so it works
-under ``torch.compile`` without graph breaks. Triton itself is imported on first use only.
+under ``torch.compile`` without graph breaks. The ops call the host launchers of ``launch.py``, imported (with
+Triton) on first use only, so that ``import longkit`` stays free of Triton.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _fwd_op(
     cu_seqlens: _Tensor | None, segments: _Tensor | None, q_offset: int, n_global: int, n_local: int,
     scale: float,
 ) -> tuple[_Tensor, _Tensor]:
-    from .flash import flash_masked_attention_fwd
+    from .launch import flash_masked_attention_fwd  # here, not at the top: Triton loads on first use
 
     return flash_masked_attention_fwd(q, k, v, q_global, k_global, cu_seqlens, segments, q_offset,
                                       n_global, n_local, scale)
@@ -45,7 +46,7 @@ def _bwd_op(
     lse: _Tensor, q_global: _Tensor | None, k_global: _Tensor | None, cu_seqlens: _Tensor | None,
     segments: _Tensor | None, q_offset: int, n_global: int, n_local: int, scale: float,
 ) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor]:
-    from .flash import flash_masked_attention_bwd
+    from .launch import flash_masked_attention_bwd  # Triton loads on first use
 
     dq, dk, dv, dqg, dkg = flash_masked_attention_bwd(
         grad_out, grad_lse, q, k, v, out, lse, q_global, k_global, cu_seqlens, segments, q_offset,
@@ -164,7 +165,7 @@ def masked_attention(
             programs, their fp32 partial sums are added in a fixed order).
 
     Memory: the Triton backward allocates transient fp32 scratch for split dk/dv: under GQA with ``D <= 64``
-    up to ``flash.GQA_SPLIT_BUDGET`` (2 GiB; ``2·B·Hq·Tk·D·4`` bytes when fully split, fewer splits above
+    up to ``plan.GQA_SPLIT_BUDGET`` (2 GiB; ``2·B·Hq·Tk·D·4`` bytes when fully split, fewer splits above
     the budget), and a small one for the sink blocks with ``q_global``.
 
     Returns:
