@@ -60,3 +60,48 @@ def test_masked_attention_rejects_before_running() -> None:
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(TypeError, match="q_offset must be an int"):
         masked_attention(q, q, q, mask=causal(0.0))
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    ({"scale": "0.1"}, TypeError, "scale"),
+    ({"scale": True}, TypeError, "scale"),
+    ({"scale": -1.0}, ValueError, "scale"),
+    ({"scale": float("nan")}, ValueError, "scale"),
+    ({"impl": 3}, TypeError, "impl"),
+    ({"impl": "cuda"}, ValueError, "impl"),
+    ({"return_lse": "yes"}, TypeError, "return_lse"),
+    ({"deterministic": 1}, TypeError, "deterministic"),
+])
+def test_masked_attention_checks_its_options(kwargs, exc, message) -> None:  # noqa: ANN001
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(exc, match=message):
+        masked_attention(q, q, q, mask=causal(), **kwargs)
+
+
+def test_masked_attention_checks_shapes_and_dtypes() -> None:
+    empty_d = torch.randn(1, 2, 8, 0)
+    with pytest.raises(ValueError, match="head dim must be between 1 and 256, got 0"):
+        masked_attention(empty_d, empty_d, empty_d, mask=causal())
+    ints = torch.ones(1, 2, 8, 16, dtype=torch.int32)
+    with pytest.raises(TypeError, match="must be floating point"):
+        masked_attention(ints, ints, ints, mask=causal())
+
+
+def test_fp64_runs_on_the_reference_and_is_refused_by_the_triton_path(monkeypatch) -> None:  # noqa: ANN001
+    """fp64 (gradcheck, say) is computed by the reference under impl='auto'; an explicit impl='triton' names the
+    fix instead of failing inside the kernel (the interpreter used to die on the backward with a bare assert)."""
+    from longkit.kernels import naive_masked_attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # makes the Triton path available for CPU tensors
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with pytest.raises(TypeError, match="fp64 runs on the reference: pass impl='naive'"):
+        masked_attention(q, k, v, mask=causal(), impl="triton")
+    monkeypatch.setenv("LONGKIT_KERNEL_IMPL", "triton")
+    with pytest.raises(TypeError, match="fp64 runs on the reference"):
+        masked_attention(q, k, v, mask=causal())
+    monkeypatch.delenv("LONGKIT_KERNEL_IMPL")
+    out = masked_attention(q, k, v, mask=sink_window(2, 4), impl="auto")
+    out.sum().backward()
+    want, _ = naive_masked_attention(q.detach(), k.detach(), v.detach(), mask=sink_window(2, 4))
+    assert out.dtype == torch.float64 and torch.equal(out.detach(), want) and q.grad is not None
+    assert torch.autograd.gradcheck(lambda a, b, c: masked_attention(a, b, c, mask=causal()), (q, k, v))

@@ -12,7 +12,9 @@ import math
 
 import torch
 
-from longkit.kernels._dispatch import select_impl
+from longkit._validate import BUILTIN, check_bool, check_number
+from longkit.kernels import envs
+from longkit.kernels._dispatch import IMPLS, select_impl
 from longkit.kernels.masks import AttentionMask
 
 from .naive import naive_masked_attention
@@ -20,6 +22,7 @@ from .naive import naive_masked_attention
 __all__ = ["masked_attention"]
 
 _Tensor = torch.Tensor
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -94,6 +97,8 @@ def _validate(q: _Tensor, k: _Tensor, v: _Tensor, mask: AttentionMask, q_global:
             raise ValueError(f"{name} must be a rank-4 tensor [B, H, T, D], got {got}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q, k, v must be floating point ({', '.join(str(d) for d in _DTYPES)}), got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Hq, Tq, D = q.shape
@@ -104,8 +109,8 @@ def _validate(q: _Tensor, k: _Tensor, v: _Tensor, mask: AttentionMask, q_global:
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads must be a multiple of kv heads (GQA), got Hq={Hq}, Hkv={Hkv}")
-    if D > 256:
-        raise ValueError(f"head dim must be <= 256, got {D}")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim must be between 1 and 256, got {D}")
     mask.check(B, Tq, k.shape[2])
     if (q_global is None) != (k_global is None):
         raise ValueError("q_global and k_global must be given together")
@@ -142,9 +147,9 @@ def masked_attention(
     """Softmax attention under an :class:`~longkit.kernels.masks.AttentionMask`, without materialising it.
 
     Args:
-        q: queries ``[B, Hq, Tq, D]`` (fp16/bf16 on CUDA; fp32 allowed), query ``i`` at position
-            ``mask.q_offset + i``. Strided views (e.g. transformers' ``[B, H, T, D]`` transposes) are
-            fine as long as the last dim is contiguous.
+        q: queries ``[B, Hq, Tq, D]`` (fp16/bf16 on CUDA; fp32 allowed, the Hopper-specific kernels then off;
+            fp64 is computed by the reference), query ``i`` at position ``mask.q_offset + i``. Strided views
+            (e.g. transformers' ``[B, H, T, D]`` transposes) are fine as long as the last dim is contiguous.
         k: keys ``[B, Hkv, Tk, D]``, ``Hq % Hkv == 0`` (GQA/MQA by index, never repeated), ``D <= 256``.
         v: values ``[B, Hkv, Tk, D]``.
         mask: the visibility rule, e.g. ``causal()``, ``sink_window(4, 4096)``, ``documents(cu_seqlens)``,
@@ -159,7 +164,7 @@ def masked_attention(
         k_global: ``[B, Hkv, n_global, D]`` keys for those pairs. Receives gradients.
         return_lse: also return the log-sum-exp.
         impl: ``None``/``"auto"`` (Triton on CUDA, naive elsewhere; env ``LONGKIT_KERNEL_IMPL``),
-            ``"triton"`` or ``"naive"``.
+            ``"triton"`` (raises for fp64) or ``"naive"``.
         deterministic: accepted for API stability; the Triton backward is always deterministic
             (no atomics: separate kv-parallel dk/dv and q-parallel dq kernels; where dk/dv are split over
             programs, their fp32 partial sums are added in a fixed order).
@@ -180,11 +185,22 @@ def masked_attention(
         >>> masked_attention(q, k, v, mask=sink_window(n_global=4, n_local=16)).shape
         torch.Size([1, 4, 64, 32])
     """
-    del deterministic  # always deterministic
+    check_bool("masked_attention", "return_lse", return_lse, errors=BUILTIN)
+    check_bool("masked_attention", "deterministic", deterministic, errors=BUILTIN)  # always deterministic
+    if impl is not None and not isinstance(impl, str):
+        raise TypeError(f"masked_attention.impl must be None or one of {list(IMPLS)}, got {impl!r}")
     _validate(q, k, v, mask, q_global, k_global)
     D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    else:
+        scale = check_number("masked_attention", "scale", scale, min=0, min_exclusive=True, errors=BUILTIN)
     which = select_impl(impl, q.device, "masked_attention")
+    if which == "triton" and q.dtype == torch.float64:
+        if (impl or envs.kernel_impl()).lower() == "triton":
+            raise TypeError("masked_attention: the Triton kernels take fp16, bf16 and fp32; fp64 runs on the "
+                            "reference: pass impl='naive' (or 'auto') or cast the inputs to fp32")
+        which = "naive"  # auto: fp64 (e.g. gradcheck) is computed by the reference, in fp64
     if which == "naive":
         out, lse = naive_masked_attention(q, k, v, mask=mask, scale=scale, q_global=q_global, k_global=k_global)
     else:

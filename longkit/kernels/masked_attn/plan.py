@@ -119,6 +119,9 @@ def _ws_switch(env_name: str, forced: bool | None, mask_problem: str | None, ten
         why = f"{names} are not contiguous [B, H, T, D] tensors with 16-byte aligned bases"
     elif why is None and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
         why = "the GPU has no TMA (needs sm_90 or newer)"
+    elif why is None and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        # built and tested for 16-bit inputs; the fp32 forward at hd 128 does not compile (register/shared budget)
+        why = f"the inputs are {q.dtype}, not fp16/bf16"
     if why is not None:
         if forced:
             raise ValueError(f"{env_name}=1 but {why}; unset it to use {fallback}")
@@ -198,8 +201,9 @@ def tma_dkdv_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out
         return False
     if forced or envs.triton_interpreting():
         return True
-    # by default only where it was measured and GPU-tested: Hopper, head dims 64 and 128
-    return D in (64, 128) and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+    # by default only where it was measured and GPU-tested: Hopper, head dims 64 and 128, 16-bit inputs
+    return (D in (64, 128) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
 def ws_dkdv_enabled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
