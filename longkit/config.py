@@ -1,7 +1,9 @@
 """Technique options: small frozen dataclasses validated on construction.
 
-The same dataclasses are meant to be parsed from the DeepSpeed ``"longkit"`` config section and from
-vLLM arguments, so one name means one thing everywhere.
+Rule: options shared by several hosts live here; each host package only parses its own section into them (the
+DeepSpeed ``"longkit"`` section in ``longkit/deepspeed_ext/config.py``, vLLM arguments in
+``longkit/vllm_plugins/<feature>/config.py``, ``apply_patches`` keywords in ``longkit/hf_patches``), so one name
+means one thing everywhere. Options only one host has stay in that host's config module.
 """
 
 from __future__ import annotations
