@@ -15,7 +15,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from ._compat import SUPPORTED, installed_version
+from ._compat import SUPPORTED, installed_dist, installed_version, tested_status
 
 __all__ = ["main", "doctor_report"]
 
@@ -89,6 +89,8 @@ def doctor_report() -> dict[str, Any]:
             "installed": ver,
             "supported": win[2].removeprefix(name) if win else None,
             "status": "ok" if name == "python" else _host_status(name, ver),
+            # whether this exact install falls in the tested range, and whether it was run or only read
+            "tested": tested_status(name, ver, installed_dist(name)),
         }
     gpu = _gpu()
     model = default_model_status()
@@ -124,9 +126,9 @@ def doctor_report() -> dict[str, Any]:
 
 def _print_doctor(rep: dict[str, Any]) -> None:
     print(f"longkit {rep['longkit'] or '(version unknown)'} on {rep['platform']}\n")
-    print(f"{'library':<13} {'installed':<16} {'supported':<14} status")
+    print(f"{'library':<13} {'installed':<16} {'supported':<14} {'status':<14} in tested range")
     for name, h in rep["hosts"].items():
-        print(f"{name:<13} {h['installed'] or '-':<16} {h['supported'] or '-':<14} {h['status']}")
+        print(f"{name:<13} {h['installed'] or '-':<16} {h['supported'] or '-':<14} {h['status']:<14} {h['tested']}")
     g = rep["gpu"]
     gpu = (
         f"{g['count']} x {', '.join(sorted(set(g['names'])))} (CUDA {g['cuda_version']})"

@@ -1,13 +1,14 @@
 """CUDA-graph replay of one-token decode forwards inside Hugging Face ``generate()``.
 
 Why our own ``torch.cuda.CUDAGraph`` capture rather than ``torch.compile(mode="reduce-overhead")``: with
-transformers 5.17-5.23 ``generate()`` already separates prefill (eager ``self(...)``) from decode steps
+transformers 5.17-5.25 ``generate()`` already separates prefill (eager ``self(...)``) from decode steps
 (``model_forward = self.get_compiled_call(...)`` when the cache ``is_compileable``, on CUDA, unless
 ``disable_compile=True``). We replace only that hook, per model instance, by :class:`DecodeGraphRunner`:
 
 * no Dynamo tracing of longkit's or transformers' Python (compile of an 8B decode step takes minutes and
   recompiles for every batch size and cache length; a graph capture takes one forward);
-* identical behaviour on every transformers version of the window (the hook and its call site are the same);
+* identical behaviour on every transformers version of the window (the hook and its call site are the same;
+  only the cache's keyword changed, ``past_key_values`` -> ``cache`` in 5.24, read from :mod:`.compat`);
 * the same runner serves the vanilla baseline (``StaticCache``) and LM-Infinite
   (:class:`~longkit.hf_patches.lm_infinite.static_cache.LMInfiniteStaticCache`), so a benchmark compares methods,
   not capture machinery.
@@ -30,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import cache_kwarg
+
 __all__ = ["DecodeGraphRunner", "install_runner", "uninstall_runner", "graphed_decode"]
 
 _RUNNER_ATTR = "_longkit_graph_runner"
@@ -39,7 +42,7 @@ def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tensor inputs (tensors or dicts of tensors) vs. everything else (must be constant for a graph)."""
     tensors, consts = {}, {}
     for k, v in kwargs.items():
-        if k == "past_key_values":
+        if k == cache_kwarg():  # the cache is baked into the graph, never copied
             continue
         if isinstance(v, torch.Tensor) or (isinstance(v, dict) and v and all(
                 isinstance(x, torch.Tensor) or x is None for x in v.values())):
@@ -101,7 +104,7 @@ class DecodeGraphRunner:
         self._pool = None
 
     def _graphable(self, kwargs: dict[str, Any]) -> bool:
-        cache, ids = kwargs.get("past_key_values"), kwargs.get("input_ids")
+        cache, ids = kwargs.get(cache_kwarg()), kwargs.get("input_ids")
         return (cache is not None and isinstance(ids, torch.Tensor) and self._device_ok(ids) and ids.dim() == 2
                 and ids.shape[1] == 1 and kwargs.get("inputs_embeds") is None and self._accept(cache)
                 and getattr(cache, "graph_ready", lambda: True)())
@@ -116,7 +119,7 @@ class DecodeGraphRunner:
         if not self._graphable(kwargs):
             self.stats["eager"] += 1
             return model(**kwargs)
-        cache = kwargs["past_key_values"]
+        cache = kwargs[cache_kwarg()]
         if self._cache_ref is None or self._cache_ref() is not cache:
             self.reset()  # graphs bake in the cache's buffers: a new cache needs new graphs
             self._cache_ref = weakref.ref(cache)
@@ -161,7 +164,7 @@ class DecodeGraphRunner:
         torch.cuda.synchronize()
         # Capture records kernels without running them; the replay that follows performs this step.
         with torch.cuda.graph(graph, pool=self._pool):
-            out = model(**consts, **static_in, past_key_values=cache)
+            out = model(**consts, **static_in, **{cache_kwarg(): cache})
         self.stats["captures"] += 1
         entry = (static_in, graph, out)
         self._graphs[key] = entry

@@ -264,7 +264,8 @@ def test_errors_are_clear(monkeypatch):
     from longkit import _compat
 
     monkeypatch.setattr(_compat, "installed_version", lambda name: "4.57.0")
-    with pytest.raises(HostVersionError, match="transformers 5.17 <= version < 5.24, but 4.57.0"):
+    lo, hi, _ = _compat.SUPPORTED["transformers"]
+    with pytest.raises(HostVersionError, match=f"transformers {lo} <= version < {hi}, but 4.57.0"):
         longkit.apply_patches(model, lm_infinite=True)
 
 

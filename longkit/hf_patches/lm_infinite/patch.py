@@ -18,6 +18,7 @@ from torch import nn
 from ...config import LMInfiniteConfig
 from ...errors import UnsupportedModelError
 from ..attention import attention_modules, check_model, restore_attention, sliding_window, switch_attention
+from ..compat import cache_kwarg
 from ..decode_graph import install_runner, uninstall_runner
 from .attention import ATTN_KEY, STATE_ATTR, LayerState, lm_infinite_attention, lm_infinite_mask
 from .cache import LMInfiniteCache
@@ -66,26 +67,45 @@ def _check_model(model: nn.Module, cfg: LMInfiniteConfig) -> tuple[nn.Module, li
     return rotary, attns
 
 
+def _refuse_assisted(generation_mode: Any, bounded: bool) -> None:
+    """Assisted/speculative generation crops the cache after each verification, which a bounded cache cannot.
+
+    Refused before the prompt runs, with the same message on every transformers version: up to 5.23
+    ``generate()`` reached the layers' ``crop`` (our error), from 5.24 it checks ``Cache.is_croppable`` after
+    the prefill and raises its own, generic ``ValueError``.
+    """
+    if bounded and getattr(generation_mode, "value", generation_mode) == "assisted_generation":
+        raise NotImplementedError(
+            "assisted/speculative generation is not supported with lm_infinite's bounded cache (it cannot be "
+            "cropped: evicted tokens are gone); use LMInfiniteConfig(bounded_cache=False)"
+        )
+
+
 def _wrap_prepare_cache(model: nn.Module, cfg: LMInfiniteConfig) -> None:
     """Make ``generate()`` build the bounded cache where it would build its default dynamic cache."""
     original = model._prepare_cache_for_generation
     n_layers = model.config.num_hidden_layers
+    key = cache_kwarg()  # "cache" from transformers 5.24, "past_key_values" before
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get(key)
         # Only when generate() would build its default dynamic cache: a user cache or an explicit
         # cache_implementation is respected as given.
-        if (model_kwargs.get("past_key_values") is None and generation_config.cache_implementation is None
-                and generation_config.use_cache is not False):
+        ours = (user_cache is None and generation_config.cache_implementation is None
+                and generation_config.use_cache is not False)
+        _refuse_assisted(args[0] if args else kwargs.get("generation_mode"),
+                         ours or isinstance(user_cache, LMInfiniteCache | LMInfiniteStaticCache))
+        if ours:
             mask = model_kwargs.get("attention_mask")
             if cfg.decode == "eager":
-                model_kwargs["past_key_values"] = LMInfiniteCache(n_layers, cfg.n_global, cfg.n_local, mask)
+                model_kwargs[key] = LMInfiniteCache(n_layers, cfg.n_global, cfg.n_local, mask)
                 return None
             if cfg.decode == "cuda_graph" and not _graph_device_ok(self):
                 raise UnsupportedModelError(
                     f"LMInfiniteConfig(decode='cuda_graph') needs the model on a CUDA device, it is on "
                     f"{self.device}; use decode='static' (same outputs, no graphs) elsewhere"
                 )
-            model_kwargs["past_key_values"] = LMInfiniteStaticCache(
+            model_kwargs[key] = LMInfiniteStaticCache(
                 n_layers, cfg.n_global, cfg.n_local, mask, graphable=cfg.decode == "cuda_graph")
             return None
         return original(generation_config, model_kwargs, *args, **kwargs)
