@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import LMInfiniteConfig
+from .config import LMInfiniteConfig, RopeConfig
 from .errors import ConfigError, HostVersionError, LongkitError, UnsupportedModelError
 
 __version__ = "0.1.0"
@@ -18,6 +18,8 @@ __all__ = [
     "remove_patches",
     "patched",
     "LMInfiniteConfig",
+    "RopeConfig",
+    "register_rope_types",
     "LongkitError",
     "UnsupportedModelError",
     "HostVersionError",
@@ -45,3 +47,14 @@ def patched(model: Any, **features: Any):
     from .hf_patches import patched as _patched
 
     return _patched(model, **features)
+
+
+def register_rope_types() -> None:
+    """Register the Giraffe RoPE types (``giraffe_power``, ``giraffe_truncated``) in transformers.
+
+    Call it before building or loading (``from_pretrained``) a model whose ``config.rope_parameters`` names one
+    of them; ``apply_patches(model, rope=...)`` calls it itself. Idempotent; imports transformers.
+    """
+    from .hf_patches.rope import register
+
+    register()

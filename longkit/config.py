@@ -8,12 +8,16 @@ means one thing everywhere. Options only one host has stay in that host's config
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
-from ._validate import check_bool, check_choice, check_int
+from ._validate import check_bool, check_choice, check_int, check_number
 from .errors import ConfigError
 
-__all__ = ["LMInfiniteConfig"]
+__all__ = ["LMInfiniteConfig", "RopeConfig", "ROPE_TYPES", "GIRAFFE_ROPE_TYPES", "GIRAFFE_PARAMETER_KEYS",
+           "check_giraffe_rope_parameters"]
 
 _DECODE_MODES = ("eager", "static", "cuda_graph")
 
@@ -77,3 +81,154 @@ class LMInfiniteConfig:
             n_local = check_int("LMInfiniteConfig.resolved", "max_position_embeddings", max_position_embeddings, min=1)
         limit = self.limit_distance if self.limit_distance is not None else n_local
         return replace(self, n_local=n_local, limit_distance=limit)
+
+
+# --------------------------------------------------------------------------- RoPE types
+# Giraffe's (Pal et al., arXiv 2308.10882) frequency bases, registered into transformers' rope-init table by
+# ``longkit.hf_patches.rope``; ``linear`` and ``yarn`` are transformers' own and pass through unchanged.
+GIRAFFE_ROPE_TYPES = ("giraffe_power", "giraffe_truncated")
+ROPE_TYPES = ("linear", "yarn", *GIRAFFE_ROPE_TYPES)
+GIRAFFE_POWER_DEFAULT = 0.5  # the Giraffe release's best-performing power basis ("power = 0.5")
+
+# The keys each type's ``rope_parameters`` must hold / may hold (besides rope_type, rope_theta and
+# partial_rotary_factor, which every type has).
+GIRAFFE_PARAMETER_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "giraffe_power": (frozenset({"power"}), frozenset({"factor"})),
+    "giraffe_truncated": (frozenset({"a", "b", "rho"}), frozenset({"factor"})),
+}
+# RopeConfig fields each type uses (rope_type aside); any other field must stay None.
+_FIELDS_OF: dict[str, frozenset[str]] = {
+    "linear": frozenset({"factor"}),
+    "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow"}),
+    "giraffe_power": frozenset({"factor", "power"}),
+    "giraffe_truncated": frozenset({"factor", "a", "b", "rho", "original_max_position_embeddings"}),
+}
+
+
+def _a_above_b(owner: str, a: float, b: float) -> str:
+    return (f"{owner}: giraffe_truncated needs a <= b (a: the frequency at or below which rotation stops, b: the one "
+            f"from which frequencies are kept), got a={a}, b={b}")
+
+
+def check_giraffe_rope_parameters(owner: str, rope_type: str, params: Mapping[str, Any]) -> dict[str, float]:
+    """The Giraffe parameters of one ``rope_parameters`` dict as floats (``factor`` defaults to 1.0).
+
+    Used by :class:`RopeConfig` and by the transformers validation hook and init functions, so a value is
+    accepted or refused the same way everywhere. Raises :class:`ConfigError` naming the key and the fix.
+    """
+    if rope_type not in GIRAFFE_PARAMETER_KEYS:
+        raise ConfigError(f"{owner}: rope_type must be one of {list(GIRAFFE_ROPE_TYPES)}, got {rope_type!r}")
+    required, _ = GIRAFFE_PARAMETER_KEYS[rope_type]
+    missing = sorted(required - set(params))
+    if missing:
+        raise ConfigError(f"{owner}: rope_type {rope_type!r} needs the key(s) {missing} in rope_parameters, got "
+                          f"{sorted(params)}; e.g. longkit.RopeConfig(rope_type={rope_type!r}) fills defaults")
+    out = {"factor": check_number(owner, "factor", 1.0 if params.get("factor") is None else params["factor"],
+                                  min=1.0)}
+    if rope_type == "giraffe_power":
+        out["power"] = check_number(owner, "power", params["power"], min=0.0)
+        return out
+    a = check_number(owner, "a", params["a"], min=0.0)
+    b = check_number(owner, "b", params["b"], min=0.0)
+    rho = check_number(owner, "rho", params["rho"], min=0.0)
+    if a > b:
+        raise ConfigError(_a_above_b(owner, a, b))
+    out.update(a=a, b=b, rho=rho)
+    return out
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """A RoPE frequency basis for ``apply_patches(model, rope=...)``: Giraffe's or transformers' linear/yarn.
+
+    With head dim ``d``, base ``θ`` and pair index ``i = 0 .. d/2-1``, the standard frequencies are
+    ``f_i = θ^(-2i/d)``; every type first divides them by ``factor`` (linear scaling, 1 = none), then:
+
+    * ``"giraffe_power"`` (power basis): ``f_i' = f_i · (1 - 2i/d)^power``. ``power=0`` is the plain basis; the
+      lower the frequency, the more it is shrunk. Default ``power=0.5`` (the Giraffe release's best power).
+    * ``"giraffe_truncated"`` (truncated basis): ``f_i' = f_i`` if ``f_i >= b``; ``rho`` if ``a < f_i < b``;
+      ``0`` (no rotation) if ``f_i <= a``. Defaults from the pretraining length ``L``
+      (``original_max_position_embeddings``, ``None`` = the model's ``max_position_embeddings``): ``b = 2π/L``
+      (keep the frequencies that complete a full turn within ``L``), ``a = b/8`` and ``rho = b/16`` (the
+      ratios of the Giraffe release: ``rho``'s wavelength is 16 L, so positions stay distinguishable to 16 L).
+      ``a = b = 0`` is the plain basis.
+    * ``"linear"``: transformers' position interpolation (``factor`` required).
+    * ``"yarn"``: transformers' YaRN (``factor`` required; ``original_max_position_embeddings`` ``None`` = the
+      model's ``max_position_embeddings``; ``attention_factor``, ``beta_fast``, ``beta_slow`` optional).
+
+    Options a type does not use must stay ``None``.
+    """
+
+    rope_type: str = "giraffe_power"
+    factor: float | None = None
+    power: float | None = None
+    a: float | None = None
+    b: float | None = None
+    rho: float | None = None
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_choice(owner, "rope_type", self.rope_type, ROPE_TYPES)
+        used = _FIELDS_OF[self.rope_type]
+        for f in fields(self):
+            if f.name != "rope_type" and f.name not in used and getattr(self, f.name) is not None:
+                raise ConfigError(f"{owner}.{f.name} is not an option of rope_type={self.rope_type!r} (it takes "
+                                  f"{sorted(used)}); leave it None")
+        if self.rope_type in ("linear", "yarn") and self.factor is None:
+            raise ConfigError(f"{owner}: rope_type={self.rope_type!r} needs a factor (the context extension ratio, "
+                              f"e.g. factor=4.0)")
+        normalised: dict[str, Any] = {
+            "original_max_position_embeddings": check_int(owner, "original_max_position_embeddings",
+                                                          self.original_max_position_embeddings, min=1,
+                                                          allow_none=True),
+        }
+        if self.factor is not None:
+            normalised["factor"] = check_number(owner, "factor", self.factor, min=1.0)
+        for name in ("attention_factor", "beta_fast", "beta_slow"):
+            if getattr(self, name) is not None:
+                normalised[name] = check_number(owner, name, getattr(self, name), min=0.0, min_exclusive=True)
+        if self.rope_type == "giraffe_power":
+            normalised["power"] = check_number(owner, "power", GIRAFFE_POWER_DEFAULT if self.power is None
+                                               else self.power, min=0.0)
+        if self.rope_type == "giraffe_truncated":
+            for name in ("a", "b", "rho"):
+                if getattr(self, name) is not None:
+                    normalised[name] = check_number(owner, name, getattr(self, name), min=0.0)
+            if self.a is not None and self.b is not None and normalised["a"] > normalised["b"]:
+                raise ConfigError(_a_above_b(owner, normalised["a"], normalised["b"]))
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    def rope_parameters(self, max_position_embeddings: int | None = None) -> dict[str, Any]:
+        """The ``config.rope_parameters`` entries of this type (without ``rope_theta``), defaults resolved.
+
+        ``max_position_embeddings`` (the model's) resolves ``original_max_position_embeddings=None``; only
+        yarn and giraffe_truncated defaults need it.
+        """
+        owner = type(self).__name__
+        out: dict[str, Any] = {"rope_type": self.rope_type}
+        if self.factor is not None:
+            out["factor"] = self.factor
+        needs_length = self.rope_type == "yarn" or (
+            self.rope_type == "giraffe_truncated" and None in (self.a, self.b, self.rho))
+        length = self.original_max_position_embeddings
+        if needs_length and length is None:
+            length = check_int(owner, "max_position_embeddings", max_position_embeddings, min=1,
+                               want="the model's max_position_embeddings (an int >= 1); set "
+                                    "RopeConfig.original_max_position_embeddings instead")
+        if self.rope_type == "yarn":
+            out["original_max_position_embeddings"] = length
+            for name in ("attention_factor", "beta_fast", "beta_slow"):
+                if getattr(self, name) is not None:
+                    out[name] = getattr(self, name)
+        elif self.rope_type == "giraffe_power":
+            out["power"] = self.power
+        elif self.rope_type == "giraffe_truncated":
+            b = self.b if self.b is not None else 2 * math.pi / length
+            out.update(a=self.a if self.a is not None else b / 8, b=b, rho=self.rho if self.rho is not None else b / 16)
+            check_giraffe_rope_parameters(owner, self.rope_type, out)  # e.g. an explicit a above the default b
+        return out

@@ -2,8 +2,8 @@
 
 ``longkit.apply_patches(model, lm_infinite=...)`` is the entry point; every technique registers through
 transformers' public registries (``AttentionInterface``, ``AttentionMaskInterface``, ...) under a
-``longkit_*`` key and switches only the given model to it. Built: LM-Infinite. Planned here: PIE KV-cache
-re-rotation, Giraffe RoPE types, prefix-shared DPO for TRL.
+``longkit_*`` key and switches only the given model to it. Built: LM-Infinite, Giraffe RoPE types
+(``rope=``). Planned here: PIE KV-cache re-rotation, prefix-shared DPO for TRL.
 """
 
 from __future__ import annotations

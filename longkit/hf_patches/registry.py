@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ..config import LMInfiniteConfig
+from ..config import LMInfiniteConfig, RopeConfig
 from .attention import SUPPORTED_MODEL_TYPES
 
 __all__ = ["Technique", "TECHNIQUES", "SUPPORTED_MODEL_TYPES"]
@@ -41,4 +41,5 @@ class Technique:
 TECHNIQUES: dict[str, Technique] = {
     "lm_infinite": Technique("lm_infinite", LMInfiniteConfig, SUPPORTED_MODEL_TYPES,
                              "longkit.hf_patches.lm_infinite"),
+    "rope": Technique("rope", RopeConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.rope"),
 }

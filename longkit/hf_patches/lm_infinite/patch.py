@@ -29,7 +29,7 @@ __all__ = ["install", "uninstall"]
 TECHNIQUE = "lm_infinite"
 # RoPE types whose frequencies do not depend on the sequence length (the distance limit re-rotates keys with
 # one fixed set of frequencies).
-_STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+_STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "giraffe_power", "giraffe_truncated"}
 
 
 def _graph_device_ok(model: nn.Module) -> bool:
