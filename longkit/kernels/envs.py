@@ -27,6 +27,7 @@ __all__ = [
     "attn_ws_fwd_paired",
     "attn_ws_dkdv",
     "attn_ws_dkdv_config",
+    "rope_config",
 ]
 
 KERNEL_IMPL = "LONGKIT_KERNEL_IMPL"
@@ -140,3 +141,19 @@ def attn_ws_dkdv() -> bool | None:
 def attn_ws_dkdv_config() -> dict[str, int] | None:
     """``LONGKIT_ATTN_WS_DKDV_CONFIG="BM,BN,warps,stages"``: the warp-specialised dk/dv's tiles."""
     return _tile_config("LONGKIT_ATTN_WS_DKDV_CONFIG")
+
+
+# ----------------------------------------------------------------------------- RoPE re-rotation
+def rope_config() -> dict[str, int] | None:
+    """``LONGKIT_ROPE_CONFIG="BLOCK_T,heads,warps"``: the re-rotation kernel's tokens per program (a power of two),
+    heads per program and warps, e.g. ``32,4,4``."""
+    env = os.environ.get("LONGKIT_ROPE_CONFIG")
+    if not env:
+        return None
+    parts = env.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"LONGKIT_ROPE_CONFIG must be 'BLOCK_T,heads,warps' (positive integers), got {env!r}")
+    bt, heads, warps = (int(p) for p in parts)
+    if bt & (bt - 1) or warps & (warps - 1):
+        raise ValueError(f"LONGKIT_ROPE_CONFIG: BLOCK_T and warps must be powers of two, got {env!r}")
+    return {"BLOCK_T": bt, "HEADS": heads, "num_warps": warps}
