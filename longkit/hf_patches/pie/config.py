@@ -1,0 +1,41 @@
+"""Options of PIE (HF-only, so they live here rather than in ``longkit/config.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..._validate import check_bool, check_choice, check_int
+
+__all__ = ["PIEConfig"]
+
+_WINDOWS = ("line", "token")
+_IMPLS = (None, "auto", "naive", "triton")
+
+
+@dataclass(frozen=True)
+class PIEConfig:
+    """How an :class:`~.context.EditableContext` turns edits into cache updates.
+
+    Args:
+        window: what a text edit re-tokenizes. ``"line"`` (default): the whole edited line(s), widened to the
+            enclosing token boundaries; ``"token"``: only the tokens that the edited characters touch.
+        trim_common: drop the tokens that the old and the re-tokenized window share at both ends, so only
+            tokens that really changed are replaced (fewer tokens to encode; shared trailing tokens are kept
+            and re-rotated like the rest of the suffix).
+        chunk_size: most tokens per forward when encoding (bounds activation memory of a long re-encode).
+        rerotate_impl: passed to :func:`longkit.kernels.rope.rerotate_` as ``impl`` (``None`` = Triton on
+            CUDA, the PyTorch reference elsewhere).
+    """
+
+    window: str = "line"
+    trim_common: bool = True
+    chunk_size: int = 2048
+    rerotate_impl: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_choice(owner, "window", self.window, _WINDOWS)
+        check_bool(owner, "trim_common", self.trim_common)
+        object.__setattr__(self, "chunk_size", check_int(owner, "chunk_size", self.chunk_size, min=1))
+        if self.rerotate_impl is not None:
+            check_choice(owner, "rerotate_impl", self.rerotate_impl, [c for c in _IMPLS if c is not None])
