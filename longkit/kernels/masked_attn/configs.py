@@ -98,3 +98,13 @@ def ws_dkdv_config(head_dim: int, tma_cfg: dict[str, int]) -> dict[str, int]:
     if head_dim > 64:
         return {**tma_cfg, "num_warps": 4, "num_stages": 2}
     return {**tma_cfg, "num_warps": 4}
+
+
+def fit_dtype(cfg: dict[str, int], head_dim: int, elem_bytes: int) -> dict[str, int]:
+    """The default tiles are sized for 16-bit inputs; 4-byte (fp32) inputs above head dim 64 would need twice the
+    shared memory (the hd 128 forward asked 448 KiB of the H100's 227), so their tiles shrink to 64x64, 2 stages.
+    An explicit ``LONGKIT_ATTN_*_CONFIG`` is the caller's choice and passes unchanged (callers skip this)."""
+    if elem_bytes < 4 or head_dim <= 64 or envs.triton_interpreting():
+        return cfg
+    return {**cfg, "BLOCK_M": min(cfg["BLOCK_M"], 64), "BLOCK_N": min(cfg["BLOCK_N"], 64),
+            "num_stages": min(cfg["num_stages"], 2)}

@@ -17,10 +17,10 @@ __all__ = ["_rerotate_kernel"]
 
 # 2π split for Cody-Waite range reduction: TWO_PI_A and TWO_PI_B have 8 significant bits, so k·A and k·B are exact
 # in fp32 for |k| < 2^16 (angles up to ~4e5 rad) with or without FMA contraction; TWO_PI_C carries the rest.
-TWO_PI_A: tl.constexpr = 6.28125
-TWO_PI_B: tl.constexpr = 0.00193023681640625
-TWO_PI_C: tl.constexpr = 5.070363386039389e-06
-INV_TWO_PI: tl.constexpr = 0.15915493667125702
+TWO_PI_A = tl.constexpr(6.28125)
+TWO_PI_B = tl.constexpr(0.00193023681640625)
+TWO_PI_C = tl.constexpr(5.070363386039389e-06)
+INV_TWO_PI = tl.constexpr(0.15915493667125702)
 
 
 @triton.jit
