@@ -169,6 +169,8 @@ def kernel_rows(head_dim: int, mask: str, group: int, names: set[str] | None = N
     for name, kernel, cfg, override in kernel_variants(head_dim, mask, group):
         if names is not None and name not in names:
             continue
+        if name in ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dkdv_sink", "bwd_dkdv_split"):  # the pointer kernels
+            cfg = configs.fit_dtype(cfg, head_dim, 4 if dtype == "fp32" else 2)  # as the launcher does
         tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         consts = {**base, **override, **tiles}
         if name in ("fwd", "bwd_dq"):  # one kv loop or three, as the launcher picks (LONGKIT_ATTN_MERGED_LOOPS)

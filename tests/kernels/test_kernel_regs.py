@@ -60,3 +60,18 @@ def test_ws_kernels_are_warp_specialized(tmp_path: Path) -> None:
     for (_mask, kernel), r in rows.items():
         assert r["warp_specialized"] == ("_ws" in kernel), r
         assert r["smem"] <= SMEM_LIMIT, r
+
+
+def test_fp32_pointer_kernels_fit_shared_memory(tmp_path: Path) -> None:
+    """fp32 inputs on a GPU run the pointer kernels with tiles shrunk for 4-byte elements (the 16-bit defaults at
+    hd 128 asked 448 KiB of shared memory on the H100): each must fit an sm_90 block."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "fp32.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_regs.py"), "--hd", "128", "--dtype", "fp32",
+                    "--masks", "causal", "lambda", "--group", "1", "--kernels", "fwd", "bwd_dkdv", "bwd_dq",
+                    "--out", str(out)], env=env, check=True, capture_output=True, timeout=900)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 3, rows
+    too_big = [r for r in rows if r["smem"] > SMEM_LIMIT]
+    assert not too_big, too_big
