@@ -19,10 +19,12 @@ from typing import Any
 
 from torch import nn
 
+from ..config import GIRAFFE_ROPE_TYPES
 from ..errors import UnsupportedModelError
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "STATIC_ROPE_TYPES",
     "text_config",
     "model_type",
     "check_model",
@@ -35,6 +37,10 @@ __all__ = [
 # Decoder families whose attention modules call the registered attention function with post-RoPE q/k and
 # pass ``position_ids`` through (checked for each technique by its tests on tiny random configs).
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+# RoPE types whose frequencies do not depend on the sequence length: a cached key can be re-rotated (PIE) and the
+# distance limit applied (LM-Infinite) with one fixed set of frequencies.
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn", *GIRAFFE_ROPE_TYPES})
 
 
 def text_config(config: Any) -> Any:

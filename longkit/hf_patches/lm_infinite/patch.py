@@ -17,7 +17,14 @@ from torch import nn
 
 from ...config import LMInfiniteConfig
 from ...errors import UnsupportedModelError
-from ..attention import attention_modules, check_model, restore_attention, sliding_window, switch_attention
+from ..attention import (
+    STATIC_ROPE_TYPES,
+    attention_modules,
+    check_model,
+    restore_attention,
+    sliding_window,
+    switch_attention,
+)
 from ..compat import cache_kwarg
 from ..decode_graph import install_runner, uninstall_runner
 from .attention import ATTN_KEY, STATE_ATTR, LayerState, lm_infinite_attention, lm_infinite_mask
@@ -27,9 +34,6 @@ from .static_cache import LMInfiniteStaticCache
 __all__ = ["install", "uninstall"]
 
 TECHNIQUE = "lm_infinite"
-# RoPE types whose frequencies do not depend on the sequence length (the distance limit re-rotates keys with
-# one fixed set of frequencies).
-_STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "giraffe_power", "giraffe_truncated"}
 
 
 def _graph_device_ok(model: nn.Module) -> bool:
@@ -46,9 +50,9 @@ def _check_model(model: nn.Module, cfg: LMInfiniteConfig) -> tuple[nn.Module, li
         raise UnsupportedModelError(f"{type(model).__name__} has no `model.rotary_emb.inv_freq`; LM-Infinite "
                                     "needs a RoPE model")
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in _STATIC_ROPE_TYPES:
+    if rope_type not in STATIC_ROPE_TYPES:
         raise UnsupportedModelError(
-            f"lm_infinite supports static RoPE types {sorted(_STATIC_ROPE_TYPES)}; this model uses '{rope_type}', "
+            f"lm_infinite supports static RoPE types {sorted(STATIC_ROPE_TYPES)}; this model uses '{rope_type}', "
             "whose frequencies change with length"
         )
     window = sliding_window(config)

@@ -7,14 +7,13 @@ from typing import Any
 import torch
 
 from ...errors import LongkitError, UnsupportedModelError
-from ..attention import check_model, sliding_window
+from ..attention import STATIC_ROPE_TYPES, check_model, sliding_window
 
 __all__ = ["UnsupportedCacheError", "PIEEditError", "STATIC_ROPE_TYPES", "check_pie_model", "check_cache"]
 
 TECHNIQUE = "pie"
 # RoPE types whose inv_freq is fixed (independent of the sequence length): one rotation by Δ moves a key by Δ
 # positions. "dynamic"/"longrope" change their frequencies with the length, so old keys would need new ones.
-STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn", "giraffe_power", "giraffe_truncated"})
 
 
 class UnsupportedCacheError(LongkitError, TypeError):
