@@ -116,15 +116,16 @@ def compile_stats(kernel: triton.JITFunction, consts: dict, num_warps: int, num_
             "warp_specialized": "ttg.warp_specialize(" in compiled.asm["ttgir"]}
 
 
-def kernel_variants(head_dim: int, mask: str, group: int) -> list[tuple[str, triton.JITFunction, dict, dict]]:
+def kernel_variants(head_dim: int, mask: str, group: int,
+                    elem_bytes: int = 2) -> list[tuple[str, triton.JITFunction, dict, dict]]:
     """``(name, kernel, tiles, constexpr overrides)`` of every kernel a launch of this case may run, with the tiles
-    the launchers pick."""
+    the launchers pick for inputs of ``elem_bytes`` bytes."""
     flags = {"HAS_WINDOW": False, "HAS_DOCS": False, "HAS_PREFIX": False, "USE_GLOBAL": False, **MASKS[mask]}
-    cfg_kv, cfg_q = configs.bwd_config(head_dim, flags)
+    cfg_kv, cfg_q = configs.bwd_config(head_dim, flags, elem_bytes)
     plain = {**flags, "USE_GLOBAL": False}
     # with the distance limit, only the sink kv blocks run the q_global dk/dv variant (their own launch)
-    kernels = [("fwd", fwd._fwd_kernel, configs.fwd_config(head_dim, flags), {}),
-               ("bwd_dkdv", bwd._bwd_dkdv_kernel, configs.bwd_config(head_dim, plain)[0], plain),
+    kernels = [("fwd", fwd._fwd_kernel, configs.fwd_config(head_dim, flags, elem_bytes), {}),
+               ("bwd_dkdv", bwd._bwd_dkdv_kernel, configs.bwd_config(head_dim, plain, elem_bytes)[0], plain),
                ("bwd_dq", bwd._bwd_dq_kernel, cfg_q, {})]
     if flags["USE_GLOBAL"]:
         kernels.insert(2, ("bwd_dkdv_sink", bwd._bwd_dkdv_kernel, cfg_kv, {"CHUNKED": True}))
@@ -166,11 +167,9 @@ def kernel_rows(head_dim: int, mask: str, group: int, names: set[str] | None = N
             "FAST_PATH": True, "CHUNKED": False, "SPLIT_HEADS": False}
     base["GROUP"] = group  # a constexpr of the dk/dv kernel; Triton folds the dq kernel's GROUP == 1 too
     rows = []
-    for name, kernel, cfg, override in kernel_variants(head_dim, mask, group):
+    for name, kernel, cfg, override in kernel_variants(head_dim, mask, group, 4 if dtype == "fp32" else 2):
         if names is not None and name not in names:
             continue
-        if name in ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dkdv_sink", "bwd_dkdv_split"):  # the pointer kernels
-            cfg = configs.fit_dtype(cfg, head_dim, 4 if dtype == "fp32" else 2)  # as the launcher does
         tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         consts = {**base, **override, **tiles}
         if name in ("fwd", "bwd_dq"):  # one kv loop or three, as the launcher picks (LONGKIT_ATTN_MERGED_LOOPS)

@@ -17,14 +17,19 @@ __all__ = ["fwd_config", "bwd_config", "ws_fwd_config", "tma_dkdv_config", "ws_d
 _INTERPRETER = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-def fwd_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
-    """Pointer forward tiles. Chosen by ``benchmarks/attention.py --sweep`` on an H200 (T=16k, bf16); see
-    BENCHMARKS.md. ``LONGKIT_ATTN_FWD_CONFIG="BM,BN,warps,stages"`` overrides (tuning only)."""
+def fwd_config(head_dim: int, flags: dict[str, bool], elem_bytes: int = 2) -> dict[str, int]:
+    """Pointer forward tiles for inputs of ``elem_bytes`` bytes. Chosen by ``benchmarks/attention.py --sweep`` on
+    an H200 (T=16k, bf16); see BENCHMARKS.md. ``LONGKIT_ATTN_FWD_CONFIG="BM,BN,warps,stages"`` overrides (tuning
+    only)."""
     env = envs.attn_fwd_config()
     if env:  # before the interpreter's default, as in bwd_config: tests use it to force narrow tiles
         return env
     if envs.triton_interpreting():
         return dict(_INTERPRETER)
+    return _fit_dtype(_fwd_default(head_dim, flags), head_dim, elem_bytes)
+
+
+def _fwd_default(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
     plain = not (flags["HAS_WINDOW"] or flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"])
     if head_dim <= 64:
         # masked kinds: one warpgroup per 128-row tile is 1.14-1.18x faster than two (masked edges, short kv
@@ -36,15 +41,20 @@ def fwd_config(head_dim: int, flags: dict[str, bool]) -> dict[str, int]:
     return parse_tile_config("64,32,4,2")
 
 
-def bwd_config(head_dim: int, flags: dict[str, bool]) -> tuple[dict[str, int], dict[str, int]]:
-    """(pointer dk/dv tiles, dq tiles); ``LONGKIT_ATTN_BWD_CONFIG="BM,BN,warps,stages;BM,BN,warps,stages"``
-    overrides (tuning only)."""
+def bwd_config(head_dim: int, flags: dict[str, bool], elem_bytes: int = 2) -> tuple[dict[str, int], dict[str, int]]:
+    """(pointer dk/dv tiles, dq tiles) for inputs of ``elem_bytes`` bytes;
+    ``LONGKIT_ATTN_BWD_CONFIG="BM,BN,warps,stages;BM,BN,warps,stages"`` overrides (tuning only)."""
     env = envs.attn_bwd_config()
     if env:
         return env
     if envs.triton_interpreting():
         c = dict(_INTERPRETER)
         return c, c
+    kv, dq = _bwd_default(head_dim, flags)
+    return _fit_dtype(kv, head_dim, elem_bytes), _fit_dtype(dq, head_dim, elem_bytes)
+
+
+def _bwd_default(head_dim: int, flags: dict[str, bool]) -> tuple[dict[str, int], dict[str, int]]:
     plain = not (flags["HAS_WINDOW"] or flags["HAS_DOCS"] or flags["HAS_PREFIX"] or flags["USE_GLOBAL"])
     if head_dim <= 64:
         # the q_global variant (sink kv blocks only) spills 832 B per thread at 4 warps, none at 8
@@ -100,11 +110,10 @@ def ws_dkdv_config(head_dim: int, tma_cfg: dict[str, int]) -> dict[str, int]:
     return {**tma_cfg, "num_warps": 4}
 
 
-def fit_dtype(cfg: dict[str, int], head_dim: int, elem_bytes: int) -> dict[str, int]:
+def _fit_dtype(cfg: dict[str, int], head_dim: int, elem_bytes: int) -> dict[str, int]:
     """The default tiles are sized for 16-bit inputs; 4-byte (fp32) inputs above head dim 64 would need twice the
-    shared memory (the hd 128 forward asked 448 KiB of the H100's 227), so their tiles shrink to 64x64, 2 stages.
-    An explicit ``LONGKIT_ATTN_*_CONFIG`` is the caller's choice and passes unchanged (callers skip this)."""
-    if elem_bytes < 4 or head_dim <= 64 or envs.triton_interpreting():
+    shared memory (the hd 128 forward asked 448 KiB of the H100's 227), so their tiles shrink to 64x64, 2 stages."""
+    if elem_bytes < 4 or head_dim <= 64:
         return cfg
     return {**cfg, "BLOCK_M": min(cfg["BLOCK_M"], 64), "BLOCK_N": min(cfg["BLOCK_N"], 64),
             "num_stages": min(cfg["num_stages"], 2)}

@@ -18,7 +18,7 @@ from longkit.kernels import envs
 from ._interpreter import fix_interpreter_index
 from ._jit import LOG2E
 from .bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
-from .configs import bwd_config, fit_dtype, fwd_config, tma_dkdv_config
+from .configs import bwd_config, fwd_config, tma_dkdv_config
 from .fwd import _fwd_kernel
 from .launch_hopper import HOST_DESCRIPTORS_ERROR, launch_tma_dkdv, launch_ws_fwd
 from .plan import (
@@ -144,9 +144,7 @@ def flash_masked_attention_fwd(
     if ws_fwd_enabled(q, k, v, flags, n_global):  # Hopper, causal or Λ: TMA loads and a producer warp (fwd_ws.py)
         LAST_LAUNCH["fwd"] = launch_ws_fwd(q, k, v, out, lse, q_offset, scale * LOG2E, n_global, n_local)
         return out, lse
-    cfg = fwd_config(D, flags)
-    if envs.attn_fwd_config() is None:
-        cfg = fit_dtype(cfg, D, q.element_size())
+    cfg = fwd_config(D, flags, q.element_size())
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
     LAST_LAUNCH["fwd"] = _fwd_kernel[grid](
         q, k, v, qg, kg, out, lse, meta_q,
@@ -204,9 +202,7 @@ def flash_masked_attention_bwd(
     qg = q_global if q_global is not None else q
     kg = k_global if k_global is not None else k
     flags = mask_flags(n_local, cu_seqlens, segments, q_global)
-    cfg_kv, cfg_q = bwd_config(D, flags)
-    if envs.attn_bwd_config() is None:
-        cfg_kv, cfg_q = fit_dtype(cfg_kv, D, q.element_size()), fit_dtype(cfg_q, D, q.element_size())
+    cfg_kv, cfg_q = bwd_config(D, flags, q.element_size())
     common_strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), qg.stride(0), qg.stride(1), qg.stride(2),
@@ -230,8 +226,7 @@ def flash_masked_attention_bwd(
         LAST_LAUNCH["bwd_dkdv"] = launch_tma_dkdv(q, k, v, grad_out, lse, delta, dk, dv, meta_q, meta_k, s_mkb,
                                                  q_offset, n_global, n_local, scale, flags, n_sink_blk, tma_cfg)
     elif n_kv_blk > n_sink_blk:
-        cfg_main = (fit_dtype(bwd_config(D, {**flags, "USE_GLOBAL": False})[0], D, q.element_size())
-                    if n_sink_blk else cfg_kv)
+        cfg_main = bwd_config(D, {**flags, "USE_GLOBAL": False}, q.element_size())[0] if n_sink_blk else cfg_kv
         if cfg_main["BLOCK_N"] != cfg_kv["BLOCK_N"]:
             raise ValueError(f"dk/dv tiles {cfg_main} and {cfg_kv} (distance limit) need the same BLOCK_N")
         per_prog = gqa_heads_per_program(Hq // Hkv, B * Hq * Tk * D * 8, D)
