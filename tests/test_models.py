@@ -130,3 +130,13 @@ def test_find_text_document_concatenates_when_needed(smollm) -> None:
     name, text = models.find_text_document(100_000, tok)  # longer than any single stdlib module
     assert name.startswith("python-stdlib/_pydecimal.py+")
     assert len(tok(text, add_special_tokens=False)["input_ids"]) >= 100_000
+
+
+def test_gguf_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    f = tmp_path / "copy.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setenv("LONGKIT_DEFAULT_GGUF", str(f))
+    assert models.gguf_path() == f
+    monkeypatch.setenv("LONGKIT_DEFAULT_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(models.DefaultModelMissingError, match="LONGKIT_DEFAULT_GGUF=.*is not a file"):
+        models.gguf_path()
