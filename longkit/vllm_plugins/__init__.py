@@ -1,10 +1,12 @@
-"""vLLM plugins: the ``longkit_suffix`` speculative-decoding drafter (suffix matching + copying).
+"""vLLM plugins: the ``longkit_suffix`` speculative-decoding drafter (suffix matching + copying), and a guard that
+refuses longkit's Giraffe RoPE types (which vLLM does not implement) when a model config is built.
 
 ``register`` is the ``vllm.general_plugins`` entry point (``longkit = "longkit.vllm_plugins:register"``).
 vLLM calls it in every process it starts (API server or ``LLM`` process, engine core, workers),
 possibly more than once, so it is idempotent. It checks the vLLM version, then applies :data:`INSTALLERS` in
 order; each installer is idempotent itself and changes nothing in vLLM until a user asks for its feature
-(e.g. ``--speculative-config '{"method": "longkit_suffix", ...}'``). See ``docs/vllm_spec.md``.
+(e.g. ``--speculative-config '{"method": "longkit_suffix", ...}'``; the RoPE guard acts only on a checkpoint whose
+``rope_type`` is a Giraffe type). See ``docs/vllm_spec.md`` and :mod:`.rope_guard`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Installer(NamedTuple):
 # Applied in this order by register(); a new feature (e.g. a KV-cache backend) appends its installer here.
 INSTALLERS: tuple[Installer, ...] = (
     Installer("longkit.vllm_plugins.spec.method:install_method_alias", "speculative method 'longkit_suffix'"),
+    Installer("longkit.vllm_plugins.rope_guard:install_rope_guard", "Giraffe rope_type refused at model config"),
 )
 
 _registered = False
