@@ -12,10 +12,21 @@ A key ``j`` is visible to query ``i`` (positions ``p = q_offset + i`` and ``j``)
   branch* (LM-Infinite's Λ shape; StreamingLLM's sinks). Without a window every causal key is local;
 * documents (``cu_seqlens``, packed rows, ``B == 1``, ``Tq == Tk``): ``j`` and ``p`` in the same document,
   and windows/sinks are counted from the document start;
-* shared prefix (prefix-shared DPO): per document (or per batch row without documents) two offsets
-  ``chosen_start`` and ``rejected_start`` relative to its start; a query at ``>= rejected_start``
-  cannot see keys in ``[chosen_start, rejected_start)``. The packed row is
+* shared prefix (one prompt, ``G >= 2`` branches; :func:`shared_prefix`): per document (or per batch row
+  without documents) ``G`` branch starts ``s_1 <= s_2 <= ... <= s_G``, offsets from its start. Keys
+  ``[0, s_1)`` are the shared prefix; branch ``b`` spans ``[s_b, s_{b+1})``, the last one ``[s_G, end)``
+  of its row/document. A query in branch ``b`` sees the prefix and branch ``b`` only (causally: it cannot
+  see the keys ``[s_1, s_b)`` of the branches before its own); a query in the prefix sees the prefix.
+  A position belongs to the branch of the last start at or before its offset (to the prefix if ``s_1`` is
+  after it): an empty branch (``s_b == s_{b+1}``) holds no token, and starts equal to (or past) the
+  row/document length give empty trailing branches, which is how rows with fewer branches are padded to a
+  common ``G``; ``s_1`` equal to the length makes the whole row/document prefix (plain causal).
+  ``G = 2`` is prefix-shared DPO with ``(s_1, s_2) = (chosen_start, rejected_start)``: a query at
+  ``>= rejected_start`` cannot see ``[chosen_start, rejected_start)``; the packed row is
   ``prompt + chosen + prompt[-1] + rejected`` with ``chosen_start = P - 1``, ``rejected_start = P + C``.
+  The same layout for ``G`` completions of one prompt (GRPO) is
+  ``prompt[:-1] + (prompt[-1] + c_1) + ... + (prompt[-1] + c_G)``: ``s_1 = P - 1``,
+  ``s_{b+1} = s_b + 1 + len(c_b)``.
 
 The LM-Infinite *distance limit* is not a visibility rule: global-branch keys outside the window are
 scored with a second query/key pair (``q_global``/``k_global``) that the caller rotates so that their
@@ -95,10 +106,13 @@ class AttentionMask:
                 )
         if self.prefix_segments is not None:
             seg = _tensor("prefix_segments", self.prefix_segments, "shared_prefix(torch.tensor([[3, 7]]))")
-            if seg.dim() != 2 or seg.shape[1] != 2 or seg.dtype not in (torch.int32, torch.int64):
+            if seg.dim() != 2 or seg.shape[1] < 2 or seg.dtype not in (torch.int32, torch.int64):
                 raise ValueError(
-                    "shared-prefix segments must be an int tensor [rows_or_docs, 2] of "
-                    f"(chosen_start, rejected_start), got shape {tuple(seg.shape)} dtype {seg.dtype}"
+                    "shared-prefix segments must be an int32/int64 tensor [rows_or_docs, G] of branch starts "
+                    "s_1 <= ... <= s_G (G >= 2 branches, offsets from each row's/document's start; DPO passes "
+                    "an int tensor [rows_or_docs, 2] of (chosen_start, rejected_start)), got shape "
+                    f"{tuple(seg.shape)} dtype {seg.dtype}; pad rows with fewer branches with starts equal to "
+                    "their length (empty branches), and cast with .to(torch.int32)"
                 )
 
     # ------------------------------------------------------------------ composition
@@ -155,13 +169,13 @@ class AttentionMask:
         if self.prefix_segments is not None:
             rows = self.cu_seqlens.numel() - 1 if self.cu_seqlens is not None else batch
             if self.prefix_segments.shape[0] != rows:
-                what = "documents" if self.cu_seqlens is not None else "batch rows"
+                what = "document" if self.cu_seqlens is not None else "batch row"
                 raise ValueError(
-                    f"shared-prefix segments must have one (chosen_start, rejected_start) per {what}: "
-                    f"expected {rows}, got {self.prefix_segments.shape[0]}"
+                    f"shared-prefix segments must have one row of G branch starts per {what} (for DPO "
+                    f"(chosen_start, rejected_start)): expected {rows} rows, got {self.prefix_segments.shape[0]}"
                 )
             if not segs_ok:
-                raise ValueError("shared-prefix segments need 0 <= chosen_start <= rejected_start")
+                raise ValueError(self._bad_segments_message())
 
     def tensors_on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(cu_seqlens, prefix_segments)`` on ``device``: copied once per device and mask (again after an
@@ -173,8 +187,20 @@ class AttentionMask:
         return self._memo("_on_device", (str(device), tensor_version(cu), tensor_version(seg)),
                           lambda: tuple(t.to(device) if t is not None else None for t in (cu, seg)))
 
+    def _bad_segments_message(self) -> str:
+        """Which segments row is invalid and why (only on the error path, so its extra reads cost nothing)."""
+        seg = self.prefix_segments.long()
+        bad = (seg[:, 0] < 0) | (seg[:, 1:] < seg[:, :-1]).any(1)
+        r = int(bad.nonzero()[0, 0]) if bool(bad.any()) else 0
+        starts = seg[r].tolist()
+        why = "a negative start" if min(starts) < 0 else "decreasing starts"
+        return (f"shared-prefix segments need branch starts 0 <= s_1 <= s_2 <= ... <= s_G in every row (for DPO "
+                f"0 <= chosen_start <= rejected_start); row {r} has {why}: {starts}. Starts are offsets from the "
+                "row's/document's start, in branch order; an empty branch repeats the next start")
+
     def _tensor_facts(self) -> tuple[int, int, bool, bool]:
-        """(cu_seqlens[0], cu_seqlens[-1], cu_seqlens non-decreasing, segments valid), read from the tensors once
+        """(cu_seqlens[0], cu_seqlens[-1], cu_seqlens non-decreasing, segments valid: every start >= 0 and
+        non-decreasing along each row), read from the tensors once
         per mask and again only after one of them was modified in place (its ``_version`` changed).
 
         Reading a CUDA tensor's values syncs the host with the GPU; done on every call (every layer, forward and
@@ -191,7 +217,10 @@ class AttentionMask:
             first, last, increasing = cu[0].long(), cu[-1].long(), (cu[1:] >= cu[:-1]).all().long()
         else:
             first, last, increasing = one, one, one
-        segs_ok = ((seg[:, 0] >= 0) & (seg[:, 1] >= seg[:, 0])).all().long().to(dev) if seg is not None else one
+        if seg is not None:
+            segs_ok = ((seg[:, 0] >= 0) & (seg[:, 1:] >= seg[:, :-1]).all(1)).all().long().to(dev)
+        else:
+            segs_ok = one
         first, last, increasing, segs_ok = torch.stack([first, last, increasing, segs_ok]).tolist()  # one sync
         return first, last, bool(increasing), bool(segs_ok)
 
@@ -229,19 +258,17 @@ class AttentionMask:
             glob = j_rel < self.n_global
             visible &= (local | glob)[None]
         if self.prefix_segments is not None:
+            # branch of every token: the number of starts at or before its offset (0 = prefix, b = branch b);
+            # a key is visible if it is in the prefix or in the query's own branch
             seg = self.prefix_segments.to(device=device, dtype=torch.long)
+            t = torch.arange(tk, device=device)
             if self.cu_seqlens is not None:
-                cs = (seg[doc, 0] + start)  # per token (as key) absolute chosen start of its doc
-                rs = (seg[doc, 1] + start)
-                q_rs = rs[p.squeeze(1)][:, None]
-                q_cs = cs[p.squeeze(1)][:, None]
-                hidden = (p >= q_rs) & (j >= q_cs) & (j < q_rs)
-                visible &= ~hidden[None]
+                branch = (seg[doc] <= (t - start)[:, None]).sum(1)[None]  # [1, Tk]
             else:
-                cs = seg[:, 0].view(batch, 1, 1)
-                rs = seg[:, 1].view(batch, 1, 1)
-                hidden = (p[None] >= rs) & (j[None] >= cs) & (j[None] < rs)
-                visible &= ~hidden
+                branch = (seg[:, None, :] <= t[None, :, None]).sum(2)  # [B, Tk]
+            kb = branch[:, None, :]  # [B or 1, 1, Tk]
+            qb = branch[:, p.squeeze(1), None]  # [B or 1, Tq, 1]
+            visible &= (kb == 0) | (kb == qb)
         return visible[:, None]
 
     def global_branch(self, batch: int, tq: int, tk: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -276,8 +303,27 @@ def documents(cu_seqlens: torch.Tensor) -> AttentionMask:
 
 
 def shared_prefix(segments: torch.Tensor) -> AttentionMask:
-    """Prefix-shared DPO: ``segments[r] = (chosen_start, rejected_start)`` per row (or per document).
+    """One shared prompt and ``G >= 2`` branches per row (or per document, with :func:`documents`).
 
-    Queries at or after ``rejected_start`` cannot see ``[chosen_start, rejected_start)``.
+    ``segments`` is an int32/int64 tensor ``[rows_or_docs, G]``: row ``r`` holds the branch starts
+    ``s_1 <= s_2 <= ... <= s_G`` (all ``>= 0``), offsets from the row's (document's) start. Keys ``[0, s_1)`` are
+    the shared prefix; branch ``b`` spans ``[s_b, s_{b+1})`` and the last one ``[s_G, end)``. A query in
+    branch ``b`` sees (causally) the prefix and branch ``b`` only, i.e. not ``[s_1, s_b)``; a query in the prefix
+    sees the prefix. Empty branches are allowed (``s_b == s_{b+1}``, or starts equal to the row's/document's
+    length: pad groups with fewer branches to a common ``G`` that way; ``s_1`` equal to the length makes the whole
+    row/document prefix).
+
+    ``G = 2`` is prefix-shared DPO, ``segments[r] = (chosen_start, rejected_start)``: queries at or after
+    ``rejected_start`` cannot see ``[chosen_start, rejected_start)``. ``G`` completions of one prompt (GRPO) are
+    the same with more columns. The starts are checked (non-negative, non-decreasing) when the mask is first used,
+    in the one host read of :meth:`AttentionMask.check`.
+
+    Examples::
+
+        >>> import torch
+        >>> from longkit.kernels import shared_prefix
+        >>> m = shared_prefix(torch.tensor([[2, 4, 5]]))  # prefix [0, 2), branches [2, 4), [4, 5), [5, 7)
+        >>> m.dense(1, 7, 7)[0, 0, 6].int().tolist()  # the last query: prefix and its own branch
+        [1, 1, 0, 0, 0, 1, 1]
     """
     return AttentionMask(prefix_segments=segments)

@@ -6,10 +6,11 @@ materialising it:
 * **Visibility** (:func:`_visible`, :func:`_block_full`, :func:`_mask_scores`): key ``j`` is visible to the query at
   position ``p`` when ``j <= p``, both lie in one document (``j >= doc start``), ``j`` is a sink of the document or
   within ``n_local`` of ``p`` (window), and ``j`` is outside the shared-prefix hole ``[hidden start, hidden end)`` of
-  a rejected-branch query. The per-token values come from the tables of ``tables.py`` (:func:`_qmeta`).
+  a later-branch query (``[s_1, s_b)`` for a query in branch ``b``). The per-token values come from the tables of
+  ``tables.py`` (:func:`_qmeta`).
 * **Schedule** (:func:`_kv_schedule` and the splits): per query block only the kv blocks that can be visible,
   ``[doc_start(p0), p1]`` minus up to two gaps (the window gap between the sink blocks and the local band, and the
-  shared-prefix gap ``[chosen_start, rejected_start)`` for rejected-branch query blocks). Blocks proven fully visible
+  shared-prefix gap ``[s_1, s_b)`` for query blocks inside one later branch ``b``). Blocks proven fully visible
   skip the elementwise mask (the fast path); only partially visible blocks evaluate the rule.
   :func:`_kv_block_rows` / :func:`_split_kv_block` are the transposed view for the kv-block-parallel dk/dv.
 

@@ -1,11 +1,15 @@
 """The per-token mask tables the kernels read: documents and shared-prefix segments, built on the host.
 
-A documents or shared-prefix mask arrives as small tensors (``cu_seqlens``, per-document or per-row ``segments``);
-the kernels read small per-token int32 tables instead: ``[B or 1, 3, Tq]`` for queries (doc start, hidden start,
-hidden end: the span a rejected-branch query must not see) and ``[B or 1, 4, Tk]`` for keys (doc start, doc end,
-chosen start, rejected start). Both are built with a few torch ops on the inputs' device (no host sync) and
-memoised per mask tensor (:func:`mask_tables`): every layer of a model, forward and backward, passes the same mask
-tensors.
+A documents or shared-prefix mask arrives as small tensors (``cu_seqlens``, per-document or per-row ``segments``
+``[rows_or_docs, G]`` of branch starts ``s_1 <= ... <= s_G``, see :func:`longkit.kernels.masks.shared_prefix`); the
+kernels read small per-token int32 tables instead: ``[B or 1, 3, Tq]`` for queries (doc start, hidden start, hidden
+end: the one contiguous span a query must not see, ``[s_1, s_b)`` for a query in branch ``b >= 2``, empty
+otherwise) and ``[B or 1, 4, Tk]`` for keys (doc start, doc end, and a branch span ``[kcs, krs)``: the keys in it
+are seen by no query at or after ``krs``). Both are built with a few torch ops on the inputs' device (no host sync)
+and memoised per mask tensor (:func:`mask_tables`): every layer of a model, forward and backward, passes the same
+mask tensors.
+
+With ``G = 2`` (DPO) the columns are (chosen start, rejected start) for every key, as they always were.
 """
 
 from __future__ import annotations
@@ -60,10 +64,19 @@ def build_mask_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int32 tables read by the kernels (no host sync).
 
+    A token's branch is the number of its row's/document's starts at or before it (0: the prefix, ``b``: branch
+    ``b``, spanning ``[s_b, s_{b+1})``, the last one to the row/document end); positions are absolute here.
+
     Returns:
-        ``meta_q [Bm, 3, Tq]`` (doc start, hidden start, hidden end per query) and ``meta_k [Bm, 4, Tk]``
-        (doc start, doc end, chosen start, rejected start per key); ``Bm`` is ``B`` for per-row shared
-        prefix segments and 1 otherwise. Dummy 1-element tensors when neither documents nor segments.
+        ``meta_q [Bm, 3, Tq]``: doc start, hidden start, hidden end per query; the hidden span is ``[s_1, s_b)``
+        for a query in branch ``b >= 2`` and ``(0, 0)`` (nothing) in the prefix or branch 1. ``meta_k [Bm, 4, Tk]``:
+        doc start, doc end and ``(kcs, krs) = (s_c, s_{c+1})`` with ``c`` the key's branch clamped to
+        ``[1, G - 1]``: for a key in branch ``b < G`` its own branch (no query at or after its end sees it, which
+        the kv-block-parallel dk/dv uses to bound the query blocks, ``_jit._kv_block_rows``); a key in the prefix
+        lies before ``kcs`` and one in the last branch at or after ``krs``, so neither is inside its span (nothing
+        bounds the queries that see it). ``G = 2`` gives (chosen start, rejected start) for every key. ``Bm`` is
+        ``B`` for per-row shared prefix segments and 1 otherwise. Dummy 1-element tensors when neither documents
+        nor segments.
     """
     if cu_seqlens is None and segments is None:
         z = torch.zeros(1, dtype=torch.int32, device=device)
@@ -76,22 +89,25 @@ def build_mask_tables(
     else:
         doc = None
         dstart, dend = torch.zeros_like(t), torch.full_like(t, tk)
+    p = torch.arange(tq, device=device) + q_offset
     if segments is not None:
         seg = segments.to(device=device, dtype=torch.long)
+        g = seg.shape[1]
         if doc is not None:
-            cs, rs = (seg[doc, 0] + dstart)[None], (seg[doc, 1] + dstart)[None]
+            starts = (seg[doc] + dstart[:, None])[None]  # [1, Tk, G]: absolute starts of each token's document
         else:
-            cs = seg[:, 0:1].expand(batch, tk)
-            rs = seg[:, 1:2].expand(batch, tk)
+            starts = seg[:, None, :].expand(batch, tk, g)  # [B, Tk, G]
+        branch = (starts <= t[None, :, None]).sum(2)  # [Bm, Tk]: 0 = prefix, b = branch b
+        c = branch.clamp(1, g - 1)[..., None]
+        kcs, krs = starts.gather(2, c - 1).squeeze(2), starts.gather(2, c).squeeze(2)
+        qb = branch[:, p]  # [Bm, Tq]
+        hidden = qb >= 2
+        hlo = torch.where(hidden, starts[:, p, 0], 0)
+        hhi = torch.where(hidden, starts[:, p].gather(2, (qb - 1).clamp_min(0)[..., None]).squeeze(2), 0)
     else:
-        cs = rs = torch.zeros_like(t)[None]
-    bm = cs.shape[0]
-    meta_k = torch.stack([dstart[None].expand(bm, tk), dend[None].expand(bm, tk), cs, rs], dim=1)
-    p = torch.arange(tq, device=device) + q_offset
-    hidden = p[None] >= rs[:, p]
-    meta_q = torch.stack([
-        dstart[p][None].expand(bm, tq),
-        torch.where(hidden, cs[:, p], 0),
-        torch.where(hidden, rs[:, p], 0),
-    ], dim=1)
+        kcs = krs = torch.zeros_like(t)[None]
+        hlo = hhi = torch.zeros_like(p)[None]
+    bm = kcs.shape[0]
+    meta_k = torch.stack([dstart[None].expand(bm, tk), dend[None].expand(bm, tk), kcs, krs], dim=1)
+    meta_q = torch.stack([dstart[p][None].expand(bm, tq), hlo, hhi], dim=1)
     return meta_q.to(torch.int32).contiguous(), meta_k.to(torch.int32).contiguous()
