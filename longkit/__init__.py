@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import LMInfiniteConfig, RopeConfig
+from .config import LMInfiniteConfig, PrefixSharingConfig, RopeConfig
 from .errors import ConfigError, HostVersionError, LongkitError, UnsupportedModelError
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "patched",
     "LMInfiniteConfig",
     "RopeConfig",
+    "PrefixSharingConfig",
     "register_rope_types",
     "LongkitError",
     "UnsupportedModelError",

@@ -16,8 +16,8 @@ from typing import Any
 from ._validate import check_bool, check_choice, check_int, check_number
 from .errors import ConfigError
 
-__all__ = ["LMInfiniteConfig", "RopeConfig", "ROPE_TYPES", "GIRAFFE_ROPE_TYPES", "GIRAFFE_PARAMETER_KEYS",
-           "check_giraffe_rope_parameters"]
+__all__ = ["LMInfiniteConfig", "RopeConfig", "PrefixSharingConfig", "ROPE_TYPES", "GIRAFFE_ROPE_TYPES",
+           "GIRAFFE_PARAMETER_KEYS", "check_giraffe_rope_parameters"]
 
 _DECODE_MODES = ("eager", "static", "cuda_graph")
 
@@ -232,3 +232,31 @@ class RopeConfig:
             out.update(a=self.a if self.a is not None else b / 8, b=b, rho=self.rho if self.rho is not None else b / 16)
             check_giraffe_rope_parameters(owner, self.rope_type, out)  # e.g. an explicit a above the default b
         return out
+
+
+_ATTENTION_IMPLS = (None, "auto", "naive", "triton")
+
+
+@dataclass(frozen=True)
+class PrefixSharingConfig:
+    """How a patched backbone finds rows that share a prefix and computes each shared prefix once.
+
+    Args:
+        min_shared_tokens: rows are grouped only when they share at least this many (non-padding) leading
+            tokens; shorter common prefixes (e.g. only a chat template's system prompt) are not worth a branch.
+        pack: ``True`` (default): every group of one forward goes into one packed row (documents, no padding
+            at all); ``False``: one row per group, padded to the longest group.
+        attention_impl: passed to :func:`longkit.kernels.masked_attention` as ``impl`` (``None`` = the Triton
+            kernel on CUDA, the PyTorch reference elsewhere).
+    """
+
+    min_shared_tokens: int = 16
+    pack: bool = True
+    attention_impl: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        object.__setattr__(self, "min_shared_tokens",
+                           check_int(owner, "min_shared_tokens", self.min_shared_tokens, min=1))
+        check_bool(owner, "pack", self.pack)
+        check_choice(owner, "attention_impl", self.attention_impl, _ATTENTION_IMPLS)

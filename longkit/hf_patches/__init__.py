@@ -3,7 +3,8 @@
 ``longkit.apply_patches(model, lm_infinite=...)`` is the entry point; every technique registers through
 transformers' public registries (``AttentionInterface``, ``AttentionMaskInterface``, ...) under a
 ``longkit_*`` key and switches only the given model to it. Built: LM-Infinite, Giraffe RoPE types
-(``rope=``). Planned here: PIE KV-cache re-rotation, prefix-shared DPO for TRL.
+(``rope=``), prefix sharing (``prefix_sharing=``; TRL trainers in :mod:`.prefix_sharing`); PIE's editable cache
+lives in :mod:`.pie` (a cache holder, not a patch).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ..config import LMInfiniteConfig, RopeConfig
+from ..config import LMInfiniteConfig, PrefixSharingConfig, RopeConfig
 from .attention import SUPPORTED_MODEL_TYPES
 
 __all__ = ["Technique", "TECHNIQUES", "SUPPORTED_MODEL_TYPES"]
@@ -42,4 +42,6 @@ TECHNIQUES: dict[str, Technique] = {
     "lm_infinite": Technique("lm_infinite", LMInfiniteConfig, SUPPORTED_MODEL_TYPES,
                              "longkit.hf_patches.lm_infinite"),
     "rope": Technique("rope", RopeConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.rope"),
+    "prefix_sharing": Technique("prefix_sharing", PrefixSharingConfig, SUPPORTED_MODEL_TYPES,
+                                "longkit.hf_patches.prefix_sharing.patch"),
 }

@@ -1,0 +1,319 @@
+"""Prefix sharing: the patched backbone equals the stock one (hidden states, gradients) on DPO- and GRPO-shaped
+batches, and TRL's trainers with it equal stock TRL (losses, metrics, weights after a few optimizer steps).
+
+Tolerances: fp32 throughout (attention sums in another order: one packed row instead of several). Hidden states
+of one forward: 2e-5 absolute; gradients: 1e-5 relative to each tensor's norm and largest entry (measured ~4e-7).
+Trainers: two SGD steps (Adam turns rounding noise of near-zero gradients into lr-sized steps, so it would test Adam,
+not the forward); what training changed in each weight within 1e-3 of its norm, logged metrics within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+
+import pytest
+import torch
+
+import longkit
+from longkit.errors import ConfigError, UnsupportedModelError
+from longkit.hf_patches.prefix_sharing import PrefixSharingConfig
+from longkit.hf_patches.prefix_sharing.patch import last_plan
+from longkit.hf_patches.prefix_sharing.plan import choose_groups, plan_shared_prefix
+from tests.utils import tiny_model
+
+VOCAB = 96
+
+
+def _right_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
+def dpo_batch(pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's DPO layout: ``prompt + chosen`` rows for every pair, then ``prompt + rejected`` rows (right padded)."""
+    prompts = [torch.randint(1, VOCAB, (random.randint(17, 30),)) for _ in range(pairs)]
+    chosen = [torch.cat([p, torch.randint(1, VOCAB, (random.randint(1, 9),))]) for p in prompts]
+    rejected = [torch.cat([p, torch.randint(1, VOCAB, (random.randint(1, 9),))]) for p in prompts]
+    return _right_padded(chosen + rejected)
+
+
+def grpo_batch(prompts: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's GRPO layout: left-padded prompts, each repeated ``g`` times, then right-padded completions (uneven
+    lengths, one duplicate completion), rows shuffled."""
+    plen = [random.randint(16, 24) for _ in range(prompts)]
+    width = max(plen)
+    rows = []
+    for n in plen:
+        p = torch.randint(1, VOCAB, (n,))
+        first = torch.randint(1, VOCAB, (random.randint(1, 8),))
+        for k in range(g):
+            c = first if k == 1 else torch.randint(1, VOCAB, (random.randint(1, 8),))
+            rows.append((n, p, c))
+    random.shuffle(rows)
+    cwidth = max(len(c) for _, _, c in rows)
+    ids = torch.zeros(len(rows), width + cwidth, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (n, p, c) in enumerate(rows):
+        ids[i, width - n:width], mask[i, width - n:width] = p, 1
+        ids[i, width:width + len(c)], mask[i, width:width + len(c)] = c, 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- options
+@pytest.mark.parametrize("kwargs,message", [
+    ({"min_shared_tokens": 0}, "min_shared_tokens must be an int >= 1, got 0"),
+    ({"min_shared_tokens": 2.5}, "min_shared_tokens must be an int >= 1"),
+    ({"pack": "yes"}, "pack must be a bool"),
+    ({"attention_impl": "flash"}, "attention_impl must be one of"),
+])
+def test_config_rejects_bad_options(kwargs: dict, message: str) -> None:
+    with pytest.raises((ConfigError, TypeError, ValueError), match=message):
+        PrefixSharingConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- planning
+def test_groups_keep_long_prompts_apart_from_a_short_common_prefix() -> None:
+    # rows 0/1 share 40 tokens, rows 2/3 share 30, all four share 10 (a system prompt): the best cut is {0,1},{2,3}
+    order = [0, 1, 2, 3]
+    groups = choose_groups(order, adjacent_cols=[40, 10, 30], adjacent_shared=[40, 10, 30], min_shared=4)
+    assert [(rows, p) for rows, p, _ in groups] == [([0, 1], 40), ([2, 3], 30)]
+    # the same rows with a long common prefix: one group of four
+    groups = choose_groups(order, adjacent_cols=[40, 35, 38], adjacent_shared=[40, 35, 38], min_shared=4)
+    assert [(rows, p) for rows, p, _ in groups] == [([0, 1, 2, 3], 35)]
+    # below min_shared nobody shares
+    groups = choose_groups(order, adjacent_cols=[3, 3, 3], adjacent_shared=[3, 3, 3], min_shared=4)
+    assert [rows for rows, _, _ in groups] == [[0], [1], [2], [3]]
+
+
+def test_plan_dpo_batch_shares_each_prompt_once() -> None:
+    ids, mask = dpo_batch(3)
+    plan = plan_shared_prefix(ids, mask, None, min_shared=8, pack=True)
+    assert plan is not None and sorted(plan.groups) == [(0, 3), (1, 4), (2, 5)]
+    valid = mask.bool()
+    # every row's valid tokens come back from the packed row at their positions
+    assert torch.equal(plan.input_ids.reshape(-1)[plan.index[valid]], ids[valid])
+    assert torch.equal(plan.position_ids.reshape(-1)[plan.index[valid]],
+                       torch.arange(ids.shape[1]).expand_as(ids)[valid])
+    assert plan.packed_tokens < plan.tokens == int(mask.sum())
+    assert plan_shared_prefix(ids[:3], mask[:3], None, min_shared=8, pack=True) is None  # nothing shared
+
+
+def test_plan_compares_positions_when_given() -> None:
+    ids, mask = dpo_batch(2)
+    pos = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
+    pos[2] += 1  # row 2 (the first pair's rejected row) sits one position later: it shares nothing with row 0
+    plan = plan_shared_prefix(ids, mask, pos, min_shared=8, pack=True)
+    assert sorted(plan.groups) == [(0,), (1, 3), (2,)]
+
+
+# ----------------------------------------------------------------------------- the patched backbone
+def _hidden_and_grads(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                      weights: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    h = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    ((h * weights).sum(-1) * mask).sum().backward()
+    return h.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("batch", ["dpo", "grpo"])
+@pytest.mark.parametrize("pack", [True, False])
+def test_patched_backbone_equals_stock(model_type: str, batch: str, pack: bool) -> None:
+    model = tiny_model(model_type, max_position_embeddings=128)
+    ids, mask = dpo_batch(3) if batch == "dpo" else grpo_batch(2, 4)
+    weights = torch.randn(*ids.shape, model.config.hidden_size)
+    ref_h, ref_g = _hidden_and_grads(model, ids, mask, weights)
+    longkit.apply_patches(model, prefix_sharing=PrefixSharingConfig(min_shared_tokens=8, pack=pack))
+    h, g = _hidden_and_grads(model, ids, mask, weights)
+    plan = last_plan(model)
+    assert plan is not None and plan.packed_tokens < plan.tokens  # the shared path really ran
+    valid = mask.bool()
+    torch.testing.assert_close(h[valid], ref_h[valid], rtol=0, atol=2e-5)
+    assert torch.count_nonzero(h[~valid]) == 0  # padding positions: zeros (unspecified in the stock forward)
+    assert len(g) == len(ref_g)
+    for a, b in zip(g, ref_g):  # gradients reach ~500 (sum over every position): compare relative to their size
+        assert float((a - b).norm() / b.norm()) < 1e-5
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+    longkit.remove_patches(model)
+    assert model.config._attn_implementation == "sdpa" and "forward" not in vars(model.model)
+
+
+def test_generation_and_unshared_calls_run_the_stock_path() -> None:
+    model = tiny_model("llama", max_position_embeddings=128)
+    ids, mask = dpo_batch(2)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ref_logits = model(input_ids=ids[:2], attention_mask=mask[:2]).logits
+    longkit.apply_patches(model, prefix_sharing=True)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, ref)
+    assert last_plan(model) is None  # decoding steps (with a cache) are never packed
+    torch.testing.assert_close(model(input_ids=ids[:2], attention_mask=mask[:2]).logits, ref_logits)
+    assert last_plan(model) is None  # the two rows share nothing
+
+
+def test_refusals() -> None:
+    model = tiny_model("llama", max_position_embeddings=128)
+    longkit.apply_patches(model, lm_infinite=True)
+    with pytest.raises(UnsupportedModelError, match="both replace the attention"):
+        longkit.apply_patches(model, prefix_sharing=True)
+    with pytest.raises(ConfigError):
+        longkit.apply_patches(tiny_model("llama"), prefix_sharing={"min_shared_tokens": 0})
+    windowed = tiny_model("mistral", sliding_window=16, max_position_embeddings=128)
+    longkit.apply_patches(windowed, prefix_sharing=PrefixSharingConfig(min_shared_tokens=8))
+    ids, mask = dpo_batch(2)
+    with pytest.raises(UnsupportedModelError, match="sliding window \\(16 tokens\\)"):
+        windowed.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    hybrid = tiny_model("llama")
+    hybrid.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(UnsupportedModelError, match="full-attention layers only"):
+        longkit.apply_patches(hybrid, prefix_sharing=True)
+
+
+# ----------------------------------------------------------------------------- TRL
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def word_tokenizer():
+    """A word-level tokenizer over ``WORDS`` (+ pad/eos/bos/unk): TRL needs a real tokenizer; a tiny vocabulary keeps
+    the fused LM head cheap on CPU."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>")
+
+
+def _text(n: int) -> str:
+    return " ".join(random.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def saved_model() -> str:
+    """A tiny Llama saved to disk (TRL loads the reference model from the policy's path)."""
+    d = tempfile.mkdtemp(prefix="longkit_ps_")
+    torch.manual_seed(1234)
+    tiny_model("llama", max_position_embeddings=256).save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    return d
+
+
+def _load(path: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def _compare_runs(path: str, stock: tuple, shared: tuple) -> None:
+    (m0, logs0), (m1, logs1) = stock, shared
+    assert len(logs0) == len(logs1) > 0
+    for a, b in zip(logs0, logs1):
+        for k, v in a.items():
+            if isinstance(v, float) and k not in ("train_runtime", "train_samples_per_second",
+                                                   "train_steps_per_second") and "time" not in k:
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    init = dict(_load(path).named_parameters())
+    for (name, p0), p1 in zip(m0.named_parameters(), m1.parameters()):
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if name not in init:  # a LoRA factor: compare the weights themselves
+            torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-6, msg=name)
+            continue
+        d0, d1 = p0 - init[name], p1 - init[name]  # what training changed
+        assert float((d1 - d0).norm()) <= 1e-3 * float(d0.norm()) + 1e-7, name
+
+
+def _train_dpo(cls: type, path: str, data, loss_type: list[str], peft: bool = False, **extra) -> tuple:
+    from trl import DPOConfig
+
+    torch.manual_seed(0)
+    kwargs = {}
+    if cls is not trl.DPOTrainer:
+        kwargs["prefix_sharing"] = PrefixSharingConfig(min_shared_tokens=4, pack=extra.pop("pack", True))
+    else:
+        extra.pop("pack", None)
+    if peft:
+        from peft import LoraConfig
+
+        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=3, max_steps=2, learning_rate=0.1,
+                     optim="sgd", loss_type=loss_type, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+                     bf16=False, seed=0, data_seed=0, dataset_num_proc=None, **extra)
+    trainer = cls(model=_load(path), args=args, train_dataset=data, processing_class=word_tokenizer(), **kwargs)
+    trainer.train()
+    if cls is not trl.DPOTrainer:
+        plan = last_plan(trainer.model.get_base_model() if peft else trainer.model)
+        assert plan is not None and plan.packed_tokens < plan.tokens
+        if trainer.ref_model is not None:  # TRL loaded it from the policy's path: patched too
+            assert last_plan(trainer.ref_model) is not None
+    return trainer.model, [log for log in trainer.state.log_history if "loss" in log]
+
+
+@pytest.fixture(scope="module")
+def dpo_data():
+    random.seed(7)
+    n = 6
+    return datasets.Dataset.from_dict({"prompt": [_text(random.randint(12, 30)) for _ in range(n)],
+                                       "chosen": [_text(random.randint(1, 8)) for _ in range(n)],
+                                       "rejected": [_text(random.randint(1, 8)) for _ in range(n)]})
+
+
+@pytest.mark.parametrize("loss_type,pack", [(["sigmoid"], True), (["ipo"], False), (["sigmoid_norm"], True),
+                                            (["apo_zero", "sft"], True), (["hinge"], False)])
+def test_dpo_trainer_equals_stock_trl(saved_model: str, dpo_data, loss_type: list[str], pack: bool) -> None:
+    from longkit.hf_patches.prefix_sharing import PrefixSharingDPOTrainer
+
+    extra = {"loss_weights": [1.0, 0.5]} if len(loss_type) > 1 else {}
+    stock = _train_dpo(trl.DPOTrainer, saved_model, dpo_data, loss_type, **extra)
+    shared = _train_dpo(PrefixSharingDPOTrainer, saved_model, dpo_data, loss_type, pack=pack, **extra)
+    _compare_runs(saved_model, stock, shared)
+
+
+def test_dpo_trainer_with_lora_and_precomputed_reference(saved_model: str, dpo_data) -> None:
+    from longkit.hf_patches.prefix_sharing import PrefixSharingDPOTrainer
+
+    extra = {"precompute_ref_log_probs": True}
+    stock = _train_dpo(trl.DPOTrainer, saved_model, dpo_data, ["sigmoid"], peft=True, **extra)
+    shared = _train_dpo(PrefixSharingDPOTrainer, saved_model, dpo_data, ["sigmoid"], peft=True, **extra)
+    _compare_runs(saved_model, stock, shared)
+
+
+def _train_grpo(cls: type, path: str, g: int) -> tuple:
+    from trl import GRPOConfig
+
+    random.seed(11)
+    data = datasets.Dataset.from_dict({"prompt": [_text(random.randint(12, 24)) for _ in range(4)]})
+
+    def reward_len(completions: list[str], **_: object) -> list[float]:  # a rule-based reward on the text
+        return [float(len(c.split()) % 3) for c in completions]
+
+    torch.manual_seed(0)
+    kwargs = {} if cls is trl.GRPOTrainer else {"prefix_sharing": PrefixSharingConfig(min_shared_tokens=4)}
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2 * g, num_generations=g,
+                      max_completion_length=8, max_steps=2, learning_rate=0.1, optim="sgd", beta=0.1, report_to=[],
+                      logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, seed=0, data_seed=0,
+                      steps_per_generation=1, temperature=1.0)
+    trainer = cls(model=_load(path), reward_funcs=reward_len, args=args, train_dataset=data,
+                  processing_class=word_tokenizer(), **kwargs)
+    trainer.train()
+    if cls is not trl.GRPOTrainer:
+        plan = last_plan(trainer.model)
+        assert plan is not None and plan.packed_tokens < plan.tokens
+    return trainer.model, [log for log in trainer.state.log_history if "loss" in log]
+
+
+@pytest.mark.parametrize("g", [2, 4])
+def test_grpo_trainer_equals_stock_trl(saved_model: str, g: int) -> None:
+    from longkit.hf_patches.prefix_sharing import PrefixSharingGRPOTrainer
+
+    _compare_runs(saved_model, _train_grpo(trl.GRPOTrainer, saved_model, g),
+                  _train_grpo(PrefixSharingGRPOTrainer, saved_model, g))
