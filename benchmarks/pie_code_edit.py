@@ -6,7 +6,9 @@ random lines) the three methods update a copy of that cache:
 
 * ``reencode`` (baseline a, its fastest honest form): keep the cache before the first edit, recompute the rest;
 * ``splice`` (baseline b): encode the edited tokens, append the old suffix entries unchanged (positions stale);
-* ``pie``: encode the edited tokens, re-rotate the suffix keys by their position delta.
+* ``pie``: encode the edited tokens, re-rotate the suffix keys by their position delta;
+* ``pie_refresh`` (with ``--refresh-tail K``): PIE, then the context's last ``K`` tokens re-encoded
+  (``PIEConfig(refresh_tail=K)``): the tokens next to the generation point see the edited text.
 
 Metrics against ``reencode``: greedy next-32-token agreement (position-wise, and the agreeing prefix),
 next-line exact match, perplexity of the file's real next 64 tokens (teacher-forced after the context), and the
@@ -19,6 +21,7 @@ wall time of the update itself (tokenizing the edit included, generation exclude
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import statistics
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--refresh-tail", type=int, default=0,
+                    help="also run PIE with PIEConfig(refresh_tail=K) as method pie_refresh (0: not run)")
     ap.add_argument("--out", default=None, help="results name (default pie_code_edit_<cpu|gpu>)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -136,11 +141,14 @@ def main(argv: list[str] | None = None) -> None:
                 for rep in range(args.edits_per_kind):
                     edits = make_edits(kind, base.text or "", donors, rng)
                     res: dict[str, dict[str, Any]] = {}
-                    for method in METHODS:
+                    methods = [*METHODS, "pie_refresh"] if args.refresh_tail else list(METHODS)
+                    for method in methods:
                         ctx = base.clone()
+                        if method == "pie_refresh":
+                            ctx.config = dataclasses.replace(ctx.config, refresh_tail=args.refresh_tail)
                         _sync(dev)
                         t = time.perf_counter()
-                        stats = ctx.edit(edits, method=method)
+                        stats = ctx.edit(edits, method="pie" if method == "pie_refresh" else method)
                         _sync(dev)
                         dt = time.perf_counter() - t
                         gen = ctx.generate(args.gen_tokens)[0].tolist()
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                         "ppl_reencode": ref["ppl"],
                         "t_reencode_s": ref["time_s"],
                     }
-                    for m in ("splice", "pie"):
+                    for m in [x for x in ("splice", "pie", "pie_refresh") if x in res]:
                         g = res[m]["gen"]
                         agree = sum(a == b for a, b in zip(g, ref["gen"])) / len(ref["gen"])
                         prefix = next((k for k, (a, b) in enumerate(zip(g, ref["gen"])) if a != b), len(ref["gen"]))
@@ -199,6 +207,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "t_pie_s": statistics.mean(r["t_pie_s"] for r in rs),
             "speedup_pie_median": statistics.median(r["speedup_pie"] for r in rs),
         })
+        if all("agree_pie_refresh" in r for r in rs):
+            out[-1].update({
+                "agree_pie_refresh": statistics.mean(r["agree_pie_refresh"] for r in rs),
+                "line_pie_refresh": statistics.mean(float(r["line_pie_refresh"]) for r in rs),
+                "ppl_pie_refresh": statistics.mean(r["ppl_pie_refresh"] for r in rs),
+                "speedup_pie_refresh_median": statistics.median(r["speedup_pie_refresh"] for r in rs),
+            })
     return out
 
 

@@ -280,3 +280,27 @@ class _CharTokenizer:
 
     def decode(self, ids: list[int], **kwargs: object) -> str:
         return "".join(chr(i) for i in ids)
+
+
+def test_refresh_tail_reencodes_the_last_tokens_only() -> None:
+    model = tiny_model("llama")
+    ids = _ids(30)
+    s, e, new = 10, 13, _ids(5)
+    plain = _fresh(model, ids)
+    plain.edit(tokens=TokenEdit(s, e, tuple(new)))
+    ctx = EditableContext(model, ids=ids, config=PIEConfig(refresh_tail=6))
+    stats = ctx.edit(tokens=TokenEdit(s, e, tuple(new)))
+    assert stats.encoded == len(new) + 6
+    n = len(ctx.ids)
+    _assert_cache_equal(ctx, plain, slice(0, n - 6))  # PIE's entries up to the refreshed tail
+    # the tail equals encoding those 6 tokens after PIE's cache (not a full re-encode: the middle stays stale)
+    tail = plain.prefix(n - 6)
+    tail._encode(ctx.ids[n - 6:], n - 6)
+    _assert_cache_equal(ctx, tail, slice(n - 6, n))
+    assert not torch.allclose(ctx.cache.layers[1].keys[..., n - 6:, :], plain.cache.layers[1].keys[..., n - 6:, :],
+                              atol=1e-4)
+    # an edit within the last tokens refreshes only what follows it
+    ctx2 = EditableContext(model, ids=ids, config=PIEConfig(refresh_tail=10))
+    assert ctx2.edit(tokens=TokenEdit(27, 28, (5,))).encoded == 1 + 2
+    with pytest.raises(ConfigError, match="refresh_tail"):
+        PIEConfig(refresh_tail=-1)

@@ -277,7 +277,20 @@ class EditableContext:
             raise PIEEditError("this edit would delete the whole context; build a new EditableContext instead")
         encoded, rerotated = self._update_cache(splices, method)
         self._update_tokens(splices)
+        if method == "pie" and self.config.refresh_tail:
+            last_end = splices[-1].end + n_new - n_old  # the last edit's end, in the new coordinates
+            encoded += self._refresh(min(self.config.refresh_tail, n_new - last_end))
         return EditStats(len(splices), sum(sp.end - sp.start for sp in splices), encoded, rerotated, n_new)
+
+    def _refresh(self, r: int) -> int:
+        """Re-encode the last ``r`` tokens (their cache entries are dropped first); returns ``r``."""
+        if r <= 0:
+            return 0
+        n = len(self._ids)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[..., : n - r, :], layer.values[..., : n - r, :]
+        self._encode(self._ids[n - r:], n - r)
+        return r
 
     def _with_text(self, sp: Splice) -> Splice:
         """A token splice's text and bounds (its ends must be clean character boundaries)."""
