@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import LMInfiniteConfig, PrefixSharingConfig, RopeConfig
+from .config import ActivationOffloadConfig, LMInfiniteConfig, PrefixSharingConfig, RopeConfig, TiledLossConfig
 from .errors import ConfigError, HostVersionError, LongkitError, UnsupportedModelError
 
 __version__ = "0.1.0"
@@ -20,6 +20,8 @@ __all__ = [
     "LMInfiniteConfig",
     "RopeConfig",
     "PrefixSharingConfig",
+    "TiledLossConfig",
+    "ActivationOffloadConfig",
     "register_rope_types",
     "LongkitError",
     "UnsupportedModelError",

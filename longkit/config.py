@@ -16,8 +16,9 @@ from typing import Any
 from ._validate import check_bool, check_choice, check_int, check_number
 from .errors import ConfigError
 
-__all__ = ["LMInfiniteConfig", "RopeConfig", "PrefixSharingConfig", "ROPE_TYPES", "GIRAFFE_ROPE_TYPES",
-           "GIRAFFE_PARAMETER_KEYS", "check_giraffe_rope_parameters"]
+__all__ = ["LMInfiniteConfig", "RopeConfig", "PrefixSharingConfig", "ActivationOffloadConfig", "TiledLossConfig",
+           "ROPE_TYPES", "GIRAFFE_ROPE_TYPES", "GIRAFFE_PARAMETER_KEYS", "check_giraffe_rope_parameters",
+           "check_activation_offload"]
 
 _DECODE_MODES = ("eager", "static", "cuda_graph")
 
@@ -260,3 +261,84 @@ class PrefixSharingConfig:
                            check_int(owner, "min_shared_tokens", self.min_shared_tokens, min=1))
         check_bool(owner, "pack", self.pack)
         check_choice(owner, "attention_impl", self.attention_impl, _ATTENTION_IMPLS)
+
+
+# --------------------------------------------------------------------------- activation offload
+_OFFLOAD_DEFAULTS: dict[str, Any] = {"enabled": True, "min_tensor_bytes": 1 << 20, "gpu_fraction": 0.0,
+                                     "prefetch": True, "pin_memory": True}
+
+
+def check_activation_offload(owner: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`ActivationOffloadConfig` options in ``values``, checked and normalised (missing keys get the
+    defaults). ``owner`` names them in messages (``"ActivationOffloadConfig"`` or the JSON key path
+    ``"longkit.activation_offload"``), so each entry point reports the name its user wrote."""
+    v = {**_OFFLOAD_DEFAULTS, **values}
+    return {
+        "enabled": check_bool(owner, "enabled", v["enabled"], want="true or false"),
+        "min_tensor_bytes": check_int(owner, "min_tensor_bytes", v["min_tensor_bytes"], min=0,
+                                      want="an int >= 0 (bytes; e.g. 1048576 for 1 MiB)"),
+        "gpu_fraction": check_number(owner, "gpu_fraction", v["gpu_fraction"], min=0.0, max=1.0),
+        "prefetch": check_bool(owner, "prefetch", v["prefetch"], want="true or false"),
+        "pin_memory": check_bool(owner, "pin_memory", v["pin_memory"], want="true or false"),
+    }
+
+
+@dataclass(frozen=True)
+class ActivationOffloadConfig:
+    """Per-layer offload of the tensors autograd saves for backward (see :mod:`longkit.offload`).
+
+    Every tensor a decoder layer saves for backward (with gradient checkpointing: the layer's checkpointed input)
+    is copied to host memory during the forward, on a side CUDA stream into pinned buffers reused across steps,
+    and copied back during the backward, one layer ahead of its use.
+
+    Args:
+        enabled: install the offload (``False`` only makes sense in a DeepSpeed ``"longkit"`` section, to keep
+            the section while turning it off; without the section it is off).
+        min_tensor_bytes: tensors smaller than this stay on the device (their copies cost more than they save).
+            Default 1 MiB.
+        gpu_fraction: fraction of the decoder layers whose saved tensors stay on the device, taken from the
+            *last* layers (the ones backward needs first, whose copies could not be hidden behind compute):
+            ``round(gpu_fraction * num_layers)`` layers, rounded half up. ``0`` offloads every layer, ``1`` none.
+        prefetch: when the backward reaches layer ``i``, start copying layer ``i - 1``'s tensors back (so the
+            copy overlaps layer ``i``'s backward); ``False`` copies each tensor when it is needed.
+        pin_memory: page-locked host buffers (needed for asynchronous copies). Ignored without CUDA: nothing is
+            pinned then.
+
+    Parameters and tensors that share storage with a parameter are never offloaded.
+    """
+
+    enabled: bool = True
+    min_tensor_bytes: int = 1 << 20
+    gpu_fraction: float = 0.0
+    prefetch: bool = True
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        values = check_activation_offload(type(self).__name__, {f.name: getattr(self, f.name) for f in fields(self)})
+        for name, value in values.items():  # normalised (numpy ints -> int, 0 -> 0.0) so equal configs compare equal
+            object.__setattr__(self, name, value)
+
+    def kept_layers(self, num_layers: int) -> int:
+        """How many of ``num_layers`` decoder layers keep their saved tensors on the device (the last ones)."""
+        n = check_int(type(self).__name__, "num_layers", num_layers, min=0)
+        return min(n, math.floor(self.gpu_fraction * n + 0.5))
+
+
+# --------------------------------------------------------------------------- tiled loss
+@dataclass(frozen=True)
+class TiledLossConfig:
+    """Compute a causal LM's training loss with :func:`longkit.kernels.tiled_ce.tiled_cross_entropy`.
+
+    A forward with ``labels`` runs the backbone, then the LM head and cross-entropy ``chunk_size`` tokens at a time, so
+    the ``[tokens, vocab]`` logits never exist; it returns the loss and **no logits** (``logits=None``). A forward
+    without ``labels`` (generation, evaluation that needs logits) is the model's own.
+
+    Args:
+        chunk_size: tokens per tile. The tiles take about ``chunk_size × vocab × 6`` bytes for a bf16/fp16 model
+            (``× 4`` for fp32): 3.2 GB at 4096 × 128256. Smaller saves memory, larger runs fewer, bigger GEMMs.
+    """
+
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chunk_size", check_int(type(self).__name__, "chunk_size", self.chunk_size, min=1))

@@ -10,8 +10,9 @@ for Hugging Face models.
         engine.step()
 
 Built: Ulysses (all-to-all) sequence parallelism with GQA, uneven head counts, any sequence length
-(padded), packed documents and padding; ZeRO 0-3; bf16. Not built yet: LASP-2 (``mode: "lasp2"``) and
-``activation_offload`` raise ``NotImplementedError``.
+(padded), packed documents and padding; ZeRO 0-3; bf16; per-layer activation offload to pinned host memory
+(``"activation_offload": {...}``, :mod:`longkit.offload`), alone or with Ulysses, with or without gradient
+checkpointing. Not built yet: LASP-2 (``mode: "lasp2"``) raises ``NotImplementedError``.
 """
 
 from .config import ActivationOffloadConfig, LongkitDSConfig, SequenceParallelConfig, parse_ds_config

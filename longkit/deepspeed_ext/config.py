@@ -6,8 +6,13 @@ live next to DeepSpeed's own::
     {
       "train_micro_batch_size_per_gpu": 1,
       "zero_optimization": {"stage": 2},
-      "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}}
+      "longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2},
+                  "activation_offload": {"min_tensor_bytes": 1048576, "gpu_fraction": 0.0}}
     }
+
+``"activation_offload"`` takes the fields of :class:`longkit.config.ActivationOffloadConfig` (``enabled``,
+``min_tensor_bytes``, ``gpu_fraction``, ``prefetch``, ``pin_memory``); the key present means on (``{}`` = the
+defaults), absent means off, ``{"enabled": false}`` keeps the section but turns it off.
 
 Every key is checked here; a typo or a bad value raises :class:`~longkit.errors.ConfigError` naming the key,
 the allowed values and an example, instead of being ignored.
@@ -17,26 +22,30 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .._validate import check_bool, check_choice, check_int, describe
+from .._validate import check_choice, check_int, describe
+from ..config import ActivationOffloadConfig, check_activation_offload
 from ..errors import ConfigError
 
-__all__ = ["SECTION", "SequenceParallelConfig", "ActivationOffloadConfig", "LongkitDSConfig", "parse_ds_config"]
+__all__ = ["SECTION", "SequenceParallelConfig", "ActivationOffloadConfig", "LongkitDSConfig", "parse_ds_config",
+           "parse_activation_offload"]
 
 SECTION = "longkit"
 _EXAMPLE = '"longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}}'
+_OFFLOAD_EXAMPLE = '"longkit": {"activation_offload": {"min_tensor_bytes": 1048576, "gpu_fraction": 0.0}}'
+_OFFLOAD_KEYS = tuple(f.name for f in fields(ActivationOffloadConfig))  # one key per field, same order
 _SP_MODES = ("ulysses",)
 _SP_MODES_LATER = ("lasp2",)
 _ATTENTION = ("auto", "kernel", "sdpa")  # accepted names that are not built yet -> NotImplementedError, not "unknown"
 
 
-def _check_keys(where: str, given: dict[str, Any], allowed: tuple[str, ...]) -> None:
+def _check_keys(where: str, given: dict[str, Any], allowed: tuple[str, ...], example: str = _EXAMPLE) -> None:
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed keys: {list(allowed)}. Example: {_EXAMPLE}")
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed keys: {list(allowed)}. Example: {example}")
 
 
 def _check_sequence_parallel(owner: str, mode: Any, size: Any, attention: Any) -> int:
@@ -47,12 +56,6 @@ def _check_sequence_parallel(owner: str, mode: Any, size: Any, attention: Any) -
     size = check_int(owner, "size", size, min=1, want="a positive integer")
     check_choice(owner, "attention", attention, _ATTENTION)
     return size
-
-
-def _check_offload(owner: str, enabled: Any, fix: str) -> None:
-    check_bool(owner, "enabled", enabled, want="true or false")
-    if enabled:
-        raise NotImplementedError(f"{owner} is not built yet (see README); {fix}")
 
 
 @dataclass(frozen=True)
@@ -95,24 +98,15 @@ class SequenceParallelConfig:
         return cls(mode=mode, size=size, attention=attention)
 
 
-@dataclass(frozen=True)
-class ActivationOffloadConfig:
-    """``longkit.activation_offload`` (not built yet: only ``{"enabled": false}`` is accepted)."""
-
-    enabled: bool = False
-
-    def __post_init__(self) -> None:
-        _check_offload("ActivationOffloadConfig", self.enabled, "pass enabled=False or leave it out")
-
-    @classmethod
-    def from_dict(cls, d: Any) -> ActivationOffloadConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"longkit.activation_offload must be an object, got {type(d).__name__}")
-        # Keys first: a misspelt "enabled" must be reported as such, not as a request to enable offloading.
-        _check_keys("longkit.activation_offload", d, ("enabled",))
-        _check_offload("longkit.activation_offload", d.get("enabled", True),
-                       'remove the key or set {"enabled": false}')
-        return cls(enabled=False)
+def parse_activation_offload(d: Any) -> ActivationOffloadConfig:
+    """The value of ``longkit.activation_offload`` -> :class:`~longkit.config.ActivationOffloadConfig`."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"longkit.activation_offload must be an object, got {type(d).__name__}. "
+                          f"Example: {_OFFLOAD_EXAMPLE}")
+    # Keys first: a misspelt "enabled" must be reported as such, not read as the default (on).
+    _check_keys("longkit.activation_offload", d, _OFFLOAD_KEYS, _OFFLOAD_EXAMPLE)
+    # Checked here so that a JSON user reads the JSON key path in the message.
+    return ActivationOffloadConfig(**check_activation_offload("longkit.activation_offload", d))
 
 
 @dataclass(frozen=True)
@@ -120,7 +114,8 @@ class LongkitDSConfig:
     """The whole ``"longkit"`` section."""
 
     sequence_parallel: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
-    activation_offload: ActivationOffloadConfig = field(default_factory=ActivationOffloadConfig)
+    activation_offload: ActivationOffloadConfig = field(
+        default_factory=lambda: ActivationOffloadConfig(enabled=False))  # no key: off
 
     def __post_init__(self) -> None:
         parts = (("sequence_parallel", SequenceParallelConfig), ("activation_offload", ActivationOffloadConfig))
@@ -140,7 +135,8 @@ class LongkitDSConfig:
         _check_keys('the "longkit" section', d, ("sequence_parallel", "activation_offload"))
         return cls(
             sequence_parallel=SequenceParallelConfig.from_dict(d.get("sequence_parallel", {})),
-            activation_offload=ActivationOffloadConfig.from_dict(d.get("activation_offload", {"enabled": False})),
+            activation_offload=(parse_activation_offload(d["activation_offload"]) if "activation_offload" in d
+                                else ActivationOffloadConfig(enabled=False)),
         )
 
 

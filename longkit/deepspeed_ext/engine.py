@@ -34,7 +34,8 @@ def initialize(model: nn.Module, config: dict[str, Any] | str | Path, *, model_p
     Steps: validate the section (clear errors on bad values); initialise ``torch.distributed`` through
     DeepSpeed if needed; build the sequence-parallel groups (DeepSpeed itself treats every rank as
     data-parallel: ZeRO shards and averages over all ranks, and the loss backward is scaled to make that
-    exact); switch the HF model's attention to Ulysses; and, if
+    exact); switch the HF model's attention to Ulysses; install activation offload if
+    ``"activation_offload"`` asks for it (``longkit.offload.get_offloader(model).stats()`` reports it); and, if
     ``training_data`` is given, build a loader that feeds every rank of a group the same samples and yields
     this rank's shard (labels shifted before sharding, sequence padded to the group size).
 
@@ -68,7 +69,7 @@ def initialize(model: nn.Module, config: dict[str, Any] | str | Path, *, model_p
                           f"batch x accumulation steps x world_size / {size})")
     if not dist.is_initialized():
         deepspeed.init_distributed()
-    sp = SequenceParallel(section.sequence_parallel)
+    sp = SequenceParallel(section.sequence_parallel, section.activation_offload)
     sp.prepare_model(model)
     engine, opt, _, sched = deepspeed.initialize(
         model=model, config=ds_config, model_parameters=model_parameters, optimizer=optimizer,

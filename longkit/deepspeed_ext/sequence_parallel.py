@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import ActivationOffloadConfig
 from ..errors import ConfigError
 from .adapters import sp_adapter
 from .config import SequenceParallelConfig
@@ -25,6 +26,7 @@ __all__ = ["SequenceParallel", "reduce_loss", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 _HOOKS_ATTR = "_longkit_sp_undo"
+_OFFLOAD_ATTR = "_longkit_sp_offload"  # the offloader prepare_model installed (unprepare_model removes it)
 
 
 class _GroupSum(torch.autograd.Function):
@@ -60,14 +62,22 @@ class SequenceParallel:
     Build it with :func:`longkit.deepspeed_ext.initialize` (which also calls ``deepspeed.initialize``), or
     directly with ``SequenceParallel(SequenceParallelConfig(size=2))`` after ``torch.distributed`` is up.
     ``size == 1`` is a valid no-op configuration (same code path for single-GPU baselines).
+
+    ``activation_offload`` (what the section's ``"activation_offload"`` key gives
+    :meth:`from_ds_config`): when enabled, :meth:`prepare_model` also installs
+    :class:`longkit.offload.ActivationOffloader` on the model (with any sequence-parallel size).
     """
 
-    def __init__(self, config: SequenceParallelConfig):
+    def __init__(self, config: SequenceParallelConfig, activation_offload: ActivationOffloadConfig | None = None):
         if not isinstance(config, SequenceParallelConfig):
             raise ConfigError(f"SequenceParallel takes a SequenceParallelConfig, got {type(config).__name__}; build "
                               "it with SequenceParallelConfig(size=..., mode=..., attention=...) or use "
                               "SequenceParallel.from_ds_config(ds_config)")
+        if activation_offload is not None and not isinstance(activation_offload, ActivationOffloadConfig):
+            raise ConfigError(f"SequenceParallel's activation_offload must be an ActivationOffloadConfig or None, got "
+                              f"{type(activation_offload).__name__}")
         self.config = config
+        self.activation_offload = activation_offload
         self.size = config.size
         if self.size > 1:
             self.groups: SequenceParallelGroups | None = SequenceParallelGroups(self.size)
@@ -82,11 +92,14 @@ class SequenceParallel:
         ``Accelerator(...)`` or ``deepspeed.init_distributed()``)."""
         from .config import parse_ds_config
 
-        return cls(parse_ds_config(config).sequence_parallel)
+        section = parse_ds_config(config)
+        return cls(section.sequence_parallel, section.activation_offload)
 
     # ------------------------------------------------------------------------------------------ model
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Install the mode's attention and the loss reduction on this model instance (no-op for size 1)."""
+        """Install the mode's attention and the loss reduction on this model instance (no-op for size 1), and
+        activation offload when ``activation_offload`` is enabled."""
+        self._prepare_offload(model)
         if self.size == 1 or hasattr(model, _HOOKS_ATTR):
             return model
         undo = sp_adapter(self.config.mode).install(model, self.group, self.rank, self.size, self.config)
@@ -101,7 +114,24 @@ class SequenceParallel:
         if undo is not None:
             undo["loss_hook"].remove()
             sp_adapter(undo["mode"]).uninstall(model, undo)
+        offloader = model.__dict__.pop(_OFFLOAD_ATTR, None)
+        if offloader is not None:
+            offloader.remove()
         return model
+
+    def _prepare_offload(self, model: nn.Module) -> None:
+        cfg = self.activation_offload
+        if cfg is None or not cfg.enabled:
+            return
+        from ..offload import ActivationOffloader, get_offloader
+
+        current = get_offloader(model)
+        if current is not None:
+            if current.config == cfg:
+                return  # prepared already (or installed by the user with the same options)
+            raise ConfigError(f"the model already has activation offload with {current.config}, but the DeepSpeed "
+                              f"config asks for {cfg}; remove one of them")
+        setattr(model, _OFFLOAD_ATTR, ActivationOffloader(model, cfg))
 
     def _reduce_output_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         loss = getattr(output, "loss", None)

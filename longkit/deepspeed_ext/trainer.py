@@ -7,7 +7,8 @@
     trainer.train()                      # eval_strategy="steps"/"epoch" evaluates under SP too
     trainer.evaluate()["eval_loss"]      # equals the one-process Trainer's eval_loss on the same samples
 
-What changes against ``Trainer``: the model's attention is switched to Ulysses; the training loader gives
+What changes against ``Trainer``: the model's attention is switched to Ulysses (and activation offload installed
+if the section's ``"activation_offload"`` asks for it); the training loader gives
 every rank of a sequence-parallel group the same samples (distinct across groups) and yields this rank's
 shard (labels shifted before sharding); the loss is the micro-batch's loss over the whole sequence. With
 gradient accumulation the micro-batch losses are averaged (each already a token mean), like ``Trainer``

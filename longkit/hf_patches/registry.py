@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ..config import LMInfiniteConfig, PrefixSharingConfig, RopeConfig
+from ..config import ActivationOffloadConfig, LMInfiniteConfig, PrefixSharingConfig, RopeConfig, TiledLossConfig
 from .attention import SUPPORTED_MODEL_TYPES
 
 __all__ = ["Technique", "TECHNIQUES", "SUPPORTED_MODEL_TYPES"]
@@ -44,4 +44,7 @@ TECHNIQUES: dict[str, Technique] = {
     "rope": Technique("rope", RopeConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.rope"),
     "prefix_sharing": Technique("prefix_sharing", PrefixSharingConfig, SUPPORTED_MODEL_TYPES,
                                 "longkit.hf_patches.prefix_sharing.patch"),
+    "tiled_loss": Technique("tiled_loss", TiledLossConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.tiled_loss"),
+    "activation_offload": Technique("activation_offload", ActivationOffloadConfig, SUPPORTED_MODEL_TYPES,
+                                    "longkit.offload"),
 }

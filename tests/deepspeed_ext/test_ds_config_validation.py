@@ -37,13 +37,12 @@ def test_sequence_parallel_config_planned_mode_and_normalised_size() -> None:
 
 
 def test_activation_offload_config_constructed_directly() -> None:
-    with pytest.raises(NotImplementedError, match="not built yet.*enabled=False"):
-        ActivationOffloadConfig(enabled=True)
+    assert ActivationOffloadConfig(enabled=True).enabled is True  # built now (longkit.offload)
     with pytest.raises(ConfigError, match=r"ActivationOffloadConfig.enabled must be true or false, got 'no' \(str\)"):
         ActivationOffloadConfig(enabled="no")
     with pytest.raises(ConfigError, match="must be true or false, got 0"):
         ActivationOffloadConfig(enabled=0)
-    assert ActivationOffloadConfig().enabled is False
+    assert ActivationOffloadConfig().enabled is True and LongkitDSConfig().activation_offload.enabled is False
 
 
 def test_longkit_ds_config_constructed_directly() -> None:
@@ -65,7 +64,8 @@ def test_longkit_ds_config_constructed_directly() -> None:
     ({"activation_offload": {"enabled": 0}}, ConfigError, "longkit.activation_offload.enabled must be true or false"),
     # A misspelt key is reported as such (it used to read as a request to enable offloading).
     ({"activation_offload": {"enabeld": False}}, ConfigError, "unknown key(s) ['enabeld'] in longkit.activation"),
-    ({"activation_offload": {}}, NotImplementedError, 'remove the key or set {"enabled": false}'),
+    ({"activation_offload": {"gpu_fraction": 2}}, ConfigError,
+     "longkit.activation_offload.gpu_fraction must be a number in [0.0, 1.0], got 2"),
 ])
 def test_section_errors(section: dict, exc: type[Exception], words: str) -> None:
     with pytest.raises(exc) as e:

@@ -31,7 +31,7 @@ def test_config_defaults_and_values(tmp_path):
     ({"sequence_parallel": {"attention": "flash"}}, ConfigError, "must be one of ['auto', 'kernel', 'sdpa']"),
     ({"sequence_parallel": {"mode": "ulysses", "sise": 2}}, ConfigError, "unknown key(s) ['sise']"),
     ({"sequence_parallel": {"mode": "lasp2", "size": 2}}, NotImplementedError, "not built yet"),
-    ({"activation_offload": {"enabled": True}}, NotImplementedError, "not built yet"),
+    ({"activation_offload": {"enabled": True, "min_tensor_bytes": -1}}, ConfigError, "min_tensor_bytes must be"),
     ({"activation_offload": {"enabled": "yes"}}, ConfigError, "true or false"),
     ([1, 2], ConfigError, "must be an object"),
 ])

@@ -112,3 +112,27 @@ def test_vllm_installers_resolve():
     for inst in INSTALLERS:
         module, function = inst.target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), inst.target
+
+
+def test_training_techniques_compose_through_apply_patches():
+    """Activation offload, tiled loss and prefix sharing together: same loss and gradients, all undone."""
+    import warnings
+
+    model = tiny_model("llama", max_position_embeddings=128).train()
+    ids = torch.randint(1, 96, (3, 40))
+    ids[1, :20] = ids[0, :20]  # two rows share a prefix
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no CUDA: offload saves no memory"
+        longkit.apply_patches(model, activation_offload=True, tiled_loss={"chunk_size": 16},
+                              prefix_sharing={"min_shared_tokens": 8})
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert get_patches(model).configs.keys() == {"activation_offload", "tiled_loss", "prefix_sharing"}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    longkit.remove_patches(model)
+    assert "forward" not in vars(model) and "forward" not in vars(model.model)
+    assert model.config._attn_implementation == "sdpa"
