@@ -12,6 +12,14 @@ ranks of a sequence-parallel group by the ``"longkit"`` section of the DeepSpeed
     # GPUs: bf16, longer sequences (set "bf16": {"enabled": true} in the config)
     torchrun --nproc_per_node 8 recipes/long_context_sft.py --model /path/to/llama --config my_ds.json \
         --seq-len 131072
+    # one GPU or CPU process, no sequence parallelism; activation offload + tiled loss for longer sequences
+    torchrun --nproc_per_node 1 recipes/long_context_sft.py --sp-size 1 --gradient-checkpointing \
+        --activation-offload --tiled-loss --seq-len 2048
+
+``--activation-offload`` adds ``"activation_offload": {}`` to the config's ``"longkit"`` section (saved tensors of
+each layer to host memory); ``--tiled-loss`` applies ``longkit.apply_patches(model, tiled_loss=True)`` (the LM head
+and loss in token tiles: no ``[tokens, vocab]`` logits). The longest length each reaches on a GPU is measured by
+``benchmarks/offload.py`` and ``benchmarks/tiled_loss.py``.
 """
 
 from __future__ import annotations
@@ -93,19 +101,33 @@ def main(argv: list[str] | None = None) -> list[float]:
     ap.add_argument("--response-len", type=int, default=256, help="trained tokens at the end of each sample")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--sp-size", type=int, help="override the config's sequence_parallel.size (1: no Ulysses)")
+    ap.add_argument("--activation-offload", action="store_true", help="offload each layer's saved tensors to the host")
+    ap.add_argument("--tiled-loss", action="store_true", help="LM head + cross-entropy in token tiles (no full logits)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = ap.parse_args(argv)
 
     import deepspeed
     import torch.distributed as dist
 
+    import longkit
     from longkit.deepspeed_ext import initialize, parse_ds_config
+    from longkit.deepspeed_ext.config import load_ds_config
 
     deepspeed.init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, tokenizer = build_model(args.model, device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = load_ds_config(args.config)
+    section = config.setdefault("longkit", {})
+    if args.sp_size is not None:
+        section.setdefault("sequence_parallel", {"mode": "ulysses"})["size"] = args.sp_size
+    if args.activation_offload:
+        section["activation_offload"] = {}
+    if args.tiled_loss:
+        longkit.apply_patches(model, tiled_loss=True)
+    args.config = config
     sp_size = parse_ds_config(args.config).sequence_parallel.size
     dp = dist.get_world_size() // sp_size
     data = build_samples(tokenizer, args.seq_len, args.response_len, args.steps * dp)

@@ -41,3 +41,15 @@ def test_long_context_sft_recipe_trains(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [float(line.split("loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "loss " in line]
     assert len(losses) == 4 and losses[-1] < losses[0], proc.stdout
+
+
+def test_long_context_sft_recipe_with_offload_and_tiled_loss(tmp_path):
+    """One process, no sequence parallelism, gradient checkpointing + activation offload + tiled loss: trains."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29643",
+           str(ROOT / "recipes" / "long_context_sft.py"), "--steps", "3", "--seq-len", "512", "--response-len",
+           "128", "--sp-size", "1", "--gradient-checkpointing", "--activation-offload", "--tiled-loss"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sequence-parallel size 1" in proc.stdout
+    losses = [float(line.split("loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "loss " in line]
+    assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
