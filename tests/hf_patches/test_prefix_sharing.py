@@ -377,3 +377,37 @@ def test_gpu_kernel_path_equals_stock(batch: str) -> None:
     torch.testing.assert_close(h[valid], ref_h[valid], rtol=0, atol=1e-4)  # fp32 kernel vs cuBLAS/SDPA rounding
     for a, b in zip(g, ref_g):
         assert float((a - b).norm() / b.norm()) < 1e-4
+
+
+def test_dpo_length_aware_batching(saved_model: str) -> None:
+    """train_sampling_strategy="group_by_length": stock TRL cannot infer lengths of preference data; the
+    prefix-sharing trainer groups pairs by packed length (prompt once + both answers) and trains."""
+    from trl import DPOConfig
+
+    from longkit.hf_patches.prefix_sharing import PrefixSharingDPOTrainer
+    from longkit.hf_patches.prefix_sharing.trl import packed_lengths
+
+    random.seed(3)
+    n = 60  # transformers groups within "megabatches" of min(n // (4 * batch), 50) micro-batches: 5 here
+    data = datasets.Dataset.from_dict({"prompt": [_text(random.choice([6, 40])) for _ in range(n)],
+                                       "chosen": [" " + _text(random.randint(1, 4)) for _ in range(n)],
+                                       "rejected": [" " + _text(random.randint(1, 4)) for _ in range(n)]})
+
+    def args() -> DPOConfig:
+        return DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=3, max_steps=2, report_to=[],
+                         use_cpu=True, bf16=False, save_strategy="no", train_sampling_strategy="group_by_length",
+                         dataset_num_proc=None)
+
+    with pytest.raises(ValueError, match="infer lengths"):
+        trl.DPOTrainer(model=_load(saved_model), args=args(), train_dataset=data,
+                       processing_class=word_tokenizer()).train()
+    trainer = PrefixSharingDPOTrainer(model=_load(saved_model), args=args(), train_dataset=data,
+                                      processing_class=word_tokenizer(),
+                                      prefix_sharing=PrefixSharingConfig(min_shared_tokens=4))
+    lengths = packed_lengths(trainer.train_dataset)
+    order = list(trainer._get_train_sampler())
+    batches = [sorted(lengths[i] for i in order[k:k + 3]) for k in range(0, n, 3)]
+    # short and long prompts (6 vs 40 words) share a micro-batch at most once per megabatch (random order: ~3 in 4)
+    assert sum(1 for b in batches if b[0] < 20 <= b[-1]) <= 4, batches
+    trainer.train()
+    assert last_plan(trainer.model) is not None

@@ -26,7 +26,8 @@ from ..._compat import require_host
 from ...config import PrefixSharingConfig
 from ...errors import ConfigError
 
-__all__ = ["PrefixSharingDPOTrainer", "PrefixSharingGRPOTrainer", "PrefixSharingRLOOTrainer", "patch_model"]
+__all__ = ["PrefixSharingDPOTrainer", "PrefixSharingGRPOTrainer", "PrefixSharingRLOOTrainer", "patch_model",
+           "packed_lengths"]
 
 
 def _as_config(value: Any) -> PrefixSharingConfig | None:  # noqa: ANN401
@@ -85,9 +86,32 @@ class _PrefixSharingMixin:
         return super()._precompute_ref_logps(*args, **kwargs)
 
 
+def packed_lengths(dataset: Any) -> list[int]:  # noqa: ANN401
+    """Tokens each preference pair takes in a shared forward: ``prompt + chosen + rejected`` (the prompt once)."""
+    return [len(p) + len(c) + len(r) for p, c, r in
+            zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+
+
 class PrefixSharingDPOTrainer(_PrefixSharingMixin, trl.DPOTrainer):
     """``trl.DPOTrainer`` + ``prefix_sharing=True``: each pair's prompt is computed once (same log-probs, loss,
-    metrics and gradients as ``trl.DPOTrainer`` on the same batches, up to floating-point rounding)."""
+    metrics and gradients as ``trl.DPOTrainer`` on the same batches, up to floating-point rounding).
+
+    Length-aware batching: with ``DPOConfig(train_sampling_strategy="group_by_length")`` pairs of similar packed
+    length (:func:`packed_lengths`) go into the same micro-batches (transformers' ``LengthGroupedSampler``; stock
+    TRL refuses this option for preference data, which has no ``input_ids`` column): a packed row then holds pairs
+    of similar cost and a ``pack=False`` batch pads less.
+    """
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:  # noqa: ANN401
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        columns = getattr(dataset, "column_names", None) or []
+        if (self.args.train_sampling_strategy == "group_by_length" and self.args.length_column_name not in columns
+                and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns)):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=packed_lengths(dataset))
+        return super()._get_train_sampler(train_dataset)
 
 
 class PrefixSharingGRPOTrainer(_PrefixSharingMixin, trl.GRPOTrainer):
