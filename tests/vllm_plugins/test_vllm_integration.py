@@ -32,6 +32,9 @@ def _env(**extra: str) -> dict[str, str]:
     if iomp.is_file() and "libiomp5" not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = " ".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
     env.pop("VLLM_PLUGINS", None)
+    # `import trl` (done in-process by other tests) sets VLLM_LOGGING_LEVEL=ERROR in os.environ, which would hide
+    # the INFO lines these tests read from the engine's processes
+    env["VLLM_LOGGING_LEVEL"] = "INFO"
     env.update(extra)
     return env
 
