@@ -39,6 +39,7 @@ _STATE_ATTR = "_longkit_prefix_sharing"
 _KEY_PREFIX = "longkit_prefix_sharing_"  # + the previous implementation: the attention key of a patched model
 _PACKED = contextvars.ContextVar("longkit_prefix_sharing_packed", default=False)
 _FUNCTIONS: dict[str, tuple[Callable, Callable]] = {}  # previous implementation -> (attention, mask builder)
+_CACHE_NAMES = ("past_key_values", "cache")  # the KV-cache argument before / since transformers 5.24
 
 
 def last_plan(model: nn.Module) -> Any:  # noqa: ANN401
@@ -98,33 +99,40 @@ def _backbone(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
+_POSITIONAL = ("input_ids", "attention_mask", "position_ids")  # the backbones' first parameters, in order
+
+
 def _shared_forward(backbone: nn.Module, original: Callable, cfg: PrefixSharingConfig, window: int | None) -> Callable:
     @functools.wraps(original)
-    def forward(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: Any = None,  # noqa: ANN401
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs: Any) -> Any:  # noqa: ANN401
+    def forward(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
         backbone._longkit_last_plan = None
-        eligible = (input_ids is not None and input_ids.dim() == 2 and input_ids.shape[0] > 1
-                    and inputs_embeds is None and past_key_values is None and not use_cache
+        if len(args) > len(_POSITIONAL):  # a cache or embeddings passed positionally: not a training call
+            return original(*args, **kwargs)
+        call = {**dict(zip(_POSITIONAL, args)), **kwargs}
+        input_ids, attention_mask = call.get("input_ids"), call.get("attention_mask")
+        position_ids = call.get("position_ids")
+        has_cache = any(call.get(name) is not None for name in _CACHE_NAMES)  # 5.24 renamed past_key_values
+        eligible = (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] > 1
+                    and call.get("inputs_embeds") is None and not has_cache and not call.get("use_cache")
                     and (attention_mask is None or (isinstance(attention_mask, torch.Tensor)
                                                     and attention_mask.dim() == 2))
                     and (position_ids is None or position_ids.dim() == 2)
-                    and not kwargs.get("output_attentions"))
+                    and not call.get("output_attentions"))
         plan = plan_shared_prefix(input_ids, attention_mask, position_ids, cfg.min_shared_tokens,
                                   cfg.pack) if eligible else None
         if plan is None:
-            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                            **kwargs)
+            return original(*args, **kwargs)
         if window is not None and int(plan.position_ids.max()) >= window:
             raise UnsupportedModelError(
                 f"{TECHNIQUE}: this model's sliding window ({window} tokens) is shorter than the batch (positions up "
                 f"to {int(plan.position_ids.max())}); the shared forward does not apply a window. Shorten the rows "
                 "below the window, or remove the patch for this model")
+        for name in (*_POSITIONAL, "use_cache", *_CACHE_NAMES):
+            call.pop(name, None)
         token = _PACKED.set(True)
         try:
             out = original(input_ids=plan.input_ids, attention_mask=None, position_ids=plan.position_ids,
-                           use_cache=False, **{MASK_KWARG: plan.mask}, **kwargs)
+                           use_cache=False, **{MASK_KWARG: plan.mask}, **call)
         finally:
             _PACKED.reset(token)
         backbone._longkit_last_plan = plan

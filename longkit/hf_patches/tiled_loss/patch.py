@@ -44,6 +44,7 @@ _STATE_ATTR = "_longkit_tiled_loss"  # the config, on a patched model instance
 # the stock CausalLM forward's parameters (transformers 5.x, the four families); anything else is refused
 _PARAMS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
            "logits_to_keep")
+_CACHE_NAMES = ("past_key_values", "cache")  # the KV-cache argument (and output field) before / since 5.24
 
 
 def _check(model: nn.Module) -> None:
@@ -67,7 +68,7 @@ def _check(model: nn.Module) -> None:
             f"{getattr(model, 'loss_type', None)!r}); the tiled loss computes transformers' ForCausalLMLoss only")
     params = tuple(p for p, v in inspect.signature(model.forward).parameters.items()
                    if v.kind is not inspect.Parameter.VAR_KEYWORD)
-    if params != _PARAMS:
+    if tuple("past_key_values" if p in _CACHE_NAMES else p for p in params) != _PARAMS:
         raise UnsupportedModelError(f"{TECHNIQUE}: {cls}.forward takes {params}, not the expected {_PARAMS}; this "
                                     "transformers version is not supported by the tiled loss")
     if not isinstance(getattr(model, "model", None), nn.Module):
@@ -92,7 +93,8 @@ def _lm_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-def _loss_forward(model: nn.Module, cfg: TiledLossConfig, args: dict[str, Any], extra: dict[str, Any]) -> Any:  # noqa: ANN401
+def _loss_forward(model: nn.Module, cfg: TiledLossConfig, args: dict[str, Any], extra: dict[str, Any],  # noqa: ANN401
+                  cache_name: str = "past_key_values") -> Any:  # noqa: ANN401
     """The stock ``*ForCausalLM.forward`` with ``labels``, the LM head and loss tiled."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -104,7 +106,7 @@ def _loss_forward(model: nn.Module, cfg: TiledLossConfig, args: dict[str, Any], 
     num_items_in_batch = extra.get("num_items_in_batch")
     ignore_index = extra.get("ignore_index", -100)
     outputs = model.model(input_ids=args.get("input_ids"), attention_mask=args.get("attention_mask"),
-                          position_ids=args.get("position_ids"), past_key_values=args.get("past_key_values"),
+                          position_ids=args.get("position_ids"), **{cache_name: args.get(cache_name)},
                           inputs_embeds=args.get("inputs_embeds"), use_cache=args.get("use_cache"), **extra)
     hidden = outputs.last_hidden_state
     keep = args.get("logits_to_keep", 0)
@@ -120,7 +122,7 @@ def _loss_forward(model: nn.Module, cfg: TiledLossConfig, args: dict[str, Any], 
                          "shape, as the stock loss requires")
     loss = tiled_cross_entropy(hidden, head.weight, shift_labels, bias=head.bias, chunk_size=cfg.chunk_size,
                                num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+    out = CausalLMOutputWithPast(loss=loss, logits=None, **{cache_name: getattr(outputs, cache_name)},
                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out if return_dict else out.to_tuple()
 
@@ -128,6 +130,7 @@ def _loss_forward(model: nn.Module, cfg: TiledLossConfig, args: dict[str, Any], 
 def _tiled_forward(model: nn.Module, original: Callable, cfg: TiledLossConfig) -> Callable:
     sig = inspect.signature(original)
     var_kw = next(n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD)
+    cache_name = next(n for n in _CACHE_NAMES if n in sig.parameters)  # this transformers version's name
 
     @functools.wraps(original)  # keeps the stock signature: generate() and Trainer inspect it
     def forward(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
@@ -135,7 +138,7 @@ def _tiled_forward(model: nn.Module, original: Callable, cfg: TiledLossConfig) -
         if bound.get("labels") is None:
             return original(*args, **kwargs)
         extra = dict(bound.pop(var_kw, {}))
-        return _loss_forward(model, cfg, bound, extra)
+        return _loss_forward(model, cfg, bound, extra, cache_name)
 
     return forward
 
