@@ -51,7 +51,7 @@ def grpo_batch(prompts: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = torch.randint(1, VOCAB, (n,))
         first = torch.randint(1, VOCAB, (random.randint(1, 8),))
         for k in range(g):
-            c = first if k == 1 else torch.randint(1, VOCAB, (random.randint(1, 8),))
+            c = first if k < 2 else torch.randint(1, VOCAB, (random.randint(1, 8),))  # k = 0, 1: duplicates
             rows.append((n, p, c))
     random.shuffle(rows)
     cwidth = max(len(c) for _, _, c in rows)
