@@ -202,32 +202,59 @@ def trainer_precision() -> dict[str, Any]:
     return {"bf16": torch.cuda.is_bf16_supported()}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(ap: argparse.ArgumentParser, unit: str) -> None:
+    """The options both prefix-sharing recipes take (``unit``: what one packed group is, for the help texts)."""
     ap.add_argument("--model", default="tiny", help="'tiny' (random, < 1 min on CPU), 'default' (SmolLM2-135M) or a "
                                                     "model directory / Hub name")
-    ap.add_argument("--examples", type=int, default=64, help="preference pairs taken from the standard library")
+    ap.add_argument("--examples", type=int, default=64, help=f"{unit}s taken from the standard library")
     ap.add_argument("--prompt-lines", type=int, default=16, help="prompt: def line(s) + docstring, at most this many")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--min-shared-tokens", type=int, default=16, help="PrefixSharingConfig.min_shared_tokens")
+    ap.add_argument("--no-pack", action="store_true", help=f"one padded row per {unit} instead of one packed row")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output-dir", help="TRL's output directory (default: a temporary one)")
+    ap.add_argument("--save", help="save the LoRA adapter here at the end")
+
+
+def lora_and_sharing(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer keywords both recipes pass: LoRA on the attention projections and the prefix-sharing options."""
+    from peft import LoraConfig
+
+    from longkit.hf_patches.prefix_sharing import PrefixSharingConfig
+
+    return {"peft_config": LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+            "prefix_sharing": PrefixSharingConfig(min_shared_tokens=args.min_shared_tokens, pack=not args.no_pack)}
+
+
+def train_and_report(trainer: Any, report: PlanReport, save: str | None) -> dict[str, Any]:  # noqa: ANN401
+    """Train with the report's one line per step instead of TRL's log dictionaries; save the adapter if asked."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    print(report.summary())
+    if save:
+        trainer.save_model(save)
+        print(f"saved the LoRA adapter to {save}")
+    return {"losses": report.losses, **report.totals}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(ap, "preference pair")
     ap.add_argument("--completion-lines", type=int, default=4, help="chosen / rejected: this many body lines")
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
     ap.add_argument("--max-length", type=int, default=512, help="tokens per row (TRL cuts the end)")
-    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
-    ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--min-shared-tokens", type=int, default=16, help="PrefixSharingConfig.min_shared_tokens")
-    ap.add_argument("--no-pack", action="store_true", help="one padded row per pair instead of one packed row")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output-dir", help="TRL's output directory (default: a temporary one)")
-    ap.add_argument("--save", help="save the LoRA adapter here at the end")
     args = ap.parse_args(argv)
 
     import datasets
-    from peft import LoraConfig
-    from transformers import PrinterCallback
     from trl import DPOConfig
 
-    from longkit.hf_patches.prefix_sharing import PrefixSharingConfig, PrefixSharingDPOTrainer
+    from longkit.hf_patches.prefix_sharing import PrefixSharingDPOTrainer
 
     datasets.disable_progress_bars()
     funcs = stdlib_functions(args.examples, args.prompt_lines, args.completion_lines)
@@ -243,18 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         disable_tqdm=True, **trainer_precision())
     trainer = PrefixSharingDPOTrainer(
         model=model, args=config, train_dataset=datasets.Dataset.from_dict(data), processing_class=tok,
-        peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        callbacks=[report.callback],
-        prefix_sharing=PrefixSharingConfig(min_shared_tokens=args.min_shared_tokens, pack=not args.no_pack))
-    trainer.remove_callback(PrinterCallback)  # the report's one line per step replaces TRL's log dictionaries
-    trainer.train()
-    print(report.summary())
-    if args.save:
-        trainer.save_model(args.save)
-        print(f"saved the LoRA adapter to {args.save}")
-    return {"losses": report.losses, **report.totals}
-
+        callbacks=[report.callback], **lora_and_sharing(args))
+    return train_and_report(trainer, report, args.save)
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefix_sharing_dpo import PlanReport, build_model, stdlib_functions, trainer_precision  # noqa: E402
+from prefix_sharing_dpo import (  # noqa: E402
+    PlanReport,
+    add_common_arguments,
+    build_model,
+    lora_and_sharing,
+    stdlib_functions,
+    train_and_report,
+    trainer_precision,
+)
 
 INSTRUCTION = "# Continue this function from the Python standard library.\n"
 
@@ -68,30 +76,18 @@ def python_reward(completions: list[str], **_: Any) -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny' (random, < 1 min on CPU), 'default' (SmolLM2-135M) or a "
-                                                    "model directory / Hub name")
-    ap.add_argument("--examples", type=int, default=64, help="prompts taken from the standard library")
-    ap.add_argument("--prompt-lines", type=int, default=16, help="def line(s) + docstring, at most this many lines")
+    add_common_arguments(ap, "prompt group")
     ap.add_argument("--num-generations", type=int, default=4, help="completions per prompt (G)")
     ap.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (x G completions)")
     ap.add_argument("--max-completion-length", type=int, default=24)
     ap.add_argument("--max-steps", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient (TRL's default 0: no reference forward)")
-    ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--min-shared-tokens", type=int, default=16, help="PrefixSharingConfig.min_shared_tokens")
-    ap.add_argument("--no-pack", action="store_true", help="one padded row per prompt group instead of one packed row")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output-dir", help="TRL's output directory (default: a temporary one)")
-    ap.add_argument("--save", help="save the LoRA adapter here at the end")
     args = ap.parse_args(argv)
 
     import datasets
-    from peft import LoraConfig
-    from transformers import PrinterCallback
     from trl import GRPOConfig
 
-    from longkit.hf_patches.prefix_sharing import PrefixSharingConfig, PrefixSharingGRPOTrainer
+    from longkit.hf_patches.prefix_sharing import PrefixSharingGRPOTrainer
 
     datasets.disable_progress_bars()
     funcs = stdlib_functions(args.examples, args.prompt_lines, completion_lines=2)
@@ -111,18 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = PrefixSharingGRPOTrainer(
         model=model, reward_funcs=python_reward, args=config,
         train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tok,
-        peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        callbacks=[report.callback],
-        prefix_sharing=PrefixSharingConfig(min_shared_tokens=args.min_shared_tokens, pack=not args.no_pack))
-    trainer.remove_callback(PrinterCallback)  # the report's one line per step replaces TRL's log dictionaries
-    trainer.train()
-    print(report.summary())
-    if args.save:
-        trainer.save_model(args.save)
-        print(f"saved the LoRA adapter to {args.save}")
-    return {"losses": report.losses, **report.totals}
-
+        callbacks=[report.callback], **lora_and_sharing(args))
+    return train_and_report(trainer, report, args.save)
 
 if __name__ == "__main__":
     main()
