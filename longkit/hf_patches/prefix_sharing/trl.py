@@ -24,23 +24,16 @@ from torch import nn
 
 from ..._compat import require_host
 from ...config import PrefixSharingConfig
-from ...errors import ConfigError
 
 __all__ = ["PrefixSharingDPOTrainer", "PrefixSharingGRPOTrainer", "PrefixSharingRLOOTrainer", "patch_model",
            "packed_lengths"]
 
 
 def _as_config(value: Any) -> PrefixSharingConfig | None:  # noqa: ANN401
-    if value is None or value is False:
-        return None
-    if value is True:
-        return PrefixSharingConfig()
-    if isinstance(value, PrefixSharingConfig):
-        return value
-    if isinstance(value, dict):
-        return PrefixSharingConfig(**value)
-    raise ConfigError(f"prefix_sharing must be True/False, a dict of PrefixSharingConfig options or a "
-                      f"PrefixSharingConfig, got {type(value).__name__}")
+    """``prefix_sharing=`` as a config (``None`` for ``False``/``None``), read as ``apply_patches`` reads it."""
+    from .. import _as_config as as_technique_config
+
+    return None if value is None or value is False else as_technique_config("prefix_sharing", value)
 
 
 def _unwrap(model: Any) -> Any:  # noqa: ANN401
