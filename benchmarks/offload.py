@@ -1,4 +1,4 @@
-"""Activation offload on one GPU: the longest trainable sequence, tokens/s and peak memory, four ways.
+"""Activation offload on one GPU: the longest trainable sequence, tokens/s and peak memory, six ways.
 
 One process, one random-weight Llama (bf16, sdpa attention, batch 1), every method in turn on the same model; for
 each method the sequence length doubles from ``--start`` until a step runs out of GPU memory (or ``--max-len``, or
@@ -9,8 +9,13 @@ the host memory an offloading method would need at the next length exceeds ``--h
 * ``save_on_cpu``: ``ckpt`` + ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` around the backbone's
   forward (the checkpointed layer inputs go to pinned host memory, copied on the compute stream, and come back
   on first use in backward: PyTorch's own offload, what HF's ``gradient_checkpointing_enable(offload=True)`` does);
+* ``alst``: ``save_on_cpu`` + DeepSpeed's ``TiledMLP`` (ALST's sequence-tiled MLP, ``ceil(tokens / hidden)``
+  shards, ALST's rule) on every layer: the pieces of DeepSpeed's long-sequence recipe that run on one GPU (its
+  checkpointed-hidden-states offload moves the same tensors as ``save_on_cpu``). Skipped without DeepSpeed;
 * ``longkit``: ``ckpt`` + :class:`longkit.offload.ActivationOffloader` (the same tensors, copied on a side stream
   into pooled pinned buffers, brought back one layer ahead in backward);
+* ``longkit_tiled``: ``longkit`` + ``apply_patches(model, tiled_mlp=...)`` (the MLP in tiles of the same size as
+  ``alst``'s, recomputed in backward);
 * ``longkit_nockpt`` (only with ``--methods``): the offloader without checkpointing (every tensor the layers save,
   no recompute).
 
@@ -54,9 +59,36 @@ from benchmarks._harness import print_table, save_results  # noqa: E402
 from benchmarks.prefix_sharing import LORA_TARGETS, SHAPES, ChunkedLogProbs  # noqa: E402
 from benchmarks.rope_long_context import gpu_tag  # noqa: E402
 
-METHODS = ("plain", "ckpt", "save_on_cpu", "longkit")
+METHODS = ("plain", "ckpt", "save_on_cpu", "alst", "longkit", "longkit_tiled")
 EXTRA_METHODS = ("longkit_nockpt",)
-CKPT = {"plain": False, "ckpt": True, "save_on_cpu": True, "longkit": True, "longkit_nockpt": False}
+CKPT = {"plain": False, "ckpt": True, "save_on_cpu": True, "alst": True, "longkit": True, "longkit_tiled": True,
+        "longkit_nockpt": False}
+OFFLOAD_CPU = ("save_on_cpu", "alst")  # torch's save_on_cpu around the backbone
+
+
+def install_ds_tiled_mlp(model: Any, tile: int) -> list[Any]:  # noqa: ANN401
+    """DeepSpeed's ``TiledMLP`` (ALST) on every decoder layer's MLP of this instance, ``ceil(tokens / tile)`` shards
+    (ALST's own rule is ``tile = hidden_size``); returns the MLPs patched (``uninstall_ds_tiled_mlp`` undoes it)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def make(mlp: Any) -> Any:  # noqa: ANN401
+        stock = type(mlp).forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            shards = max(1, math.ceil(x.shape[:-1].numel() / tile))
+            params = [p for p in mlp.parameters() if p.requires_grad]
+            return TiledMLP.apply(stock, mlp, x, shards, params)
+        return forward
+
+    mlps = [layer.mlp for layer in model.model.layers]
+    for mlp in mlps:
+        mlp.forward = make(mlp)
+    return mlps
+
+
+def uninstall_ds_tiled_mlp(mlps: list[Any]) -> None:
+    for mlp in mlps:
+        vars(mlp).pop("forward", None)
 
 
 def measure_bandwidth(nbytes: int, device: torch.device, reps: int = 5) -> dict[str, Any]:
@@ -127,7 +159,7 @@ def run_length(model: Any, method: str, seq: int, args: argparse.Namespace, devi
     from contextlib import nullcontext
 
     ctx = nullcontext
-    if method == "save_on_cpu":
+    if method in OFFLOAD_CPU:
         ctx = lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, fused=device.type == "cuda")
@@ -162,7 +194,7 @@ def run_length(model: Any, method: str, seq: int, args: argparse.Namespace, devi
         host = s["bytes_offloaded_last_forward"]
         row.update(tensors_offloaded=s["tensors_offloaded_last_forward"], pool_gib=s["pool_bytes"] / 2**30,
                    buffers_allocated=s["buffers_allocated"])
-    elif method == "save_on_cpu":  # the checkpointed inputs: one [batch, seq, hidden] tensor per layer
+    elif method in OFFLOAD_CPU:  # the checkpointed inputs: one [batch, seq, hidden] tensor per layer
         host = text.num_hidden_layers * args.batch * seq * text.hidden_size * model.dtype.itemsize
     else:
         host = None
@@ -185,6 +217,15 @@ def run_method(model: Any, method: str, args: argparse.Namespace, device: torch.
     if method.startswith("longkit"):
         offloader = ActivationOffloader(model, ActivationOffloadConfig(
             min_tensor_bytes=args.min_tensor_bytes, gpu_fraction=args.gpu_fraction, prefetch=not args.no_prefetch))
+    tile = args.mlp_tile or model.config.hidden_size
+    tiled_undo, ds_mlps = None, []
+    if method == "longkit_tiled":
+        from longkit.config import TiledMLPConfig
+        from longkit.hf_patches import tiled_mlp
+
+        tiled_undo = tiled_mlp.install(model, TiledMLPConfig(chunk_size=tile))
+    elif method == "alst":
+        ds_mlps = install_ds_tiled_mlp(model, tile)
     rows: list[dict[str, Any]] = []
     seq = args.start
     try:
@@ -212,6 +253,9 @@ def run_method(model: Any, method: str, args: argparse.Namespace, device: torch.
     finally:
         if offloader is not None:
             offloader.remove()
+        if tiled_undo is not None:
+            tiled_mlp.uninstall(model, tiled_undo)
+        uninstall_ds_tiled_mlp(ds_mlps)
     return rows
 
 
@@ -234,6 +278,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--warmup", type=int, help="untimed steps per length (default 1; dry run 0)")
     ap.add_argument("--steps", type=int, help="timed steps per length (default 3; dry run 1)")
     ap.add_argument("--loss-chunk", type=int, help="tokens per LM-head chunk (default 4096; dry run 64)")
+    ap.add_argument("--mlp-tile", type=int, default=None, help="tokens per MLP tile of alst and longkit_tiled "
+                                                                 "(default hidden_size, ALST's rule)")
     ap.add_argument("--lr", type=float, default=0.0, help="AdamW learning rate (0: weights never change)")
     ap.add_argument("--min-tensor-bytes", type=int, help="longkit: smallest tensor offloaded (default 1 MiB; dry "
                                                          "run 0)")
@@ -266,6 +312,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         raise SystemExit("--start, --max-len, --steps, --loss-chunk, --batch, --bw-mib must be >= 1, --warmup >= 0")
     if not 0.0 <= args.gpu_fraction <= 1.0 or args.min_tensor_bytes < 0:
         raise SystemExit("--gpu-fraction must be in [0, 1] and --min-tensor-bytes >= 0")
+    if "alst" in args.methods and importlib.util.find_spec("deepspeed") is None:
+        print("note: deepspeed is not importable: the alst method is skipped")
+        args.methods = [m for m in args.methods if m != "alst"]
     lora = shape == "8b"
     if lora and importlib.util.find_spec("peft") is None:
         raise SystemExit("skipped: --shape 8b trains LoRA adapters and needs peft (pip install peft); --shape 1b "

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ..config import ActivationOffloadConfig, LMInfiniteConfig, PrefixSharingConfig, RopeConfig, TiledLossConfig
+from ..config import (
+    ActivationOffloadConfig,
+    LMInfiniteConfig,
+    PrefixSharingConfig,
+    RopeConfig,
+    TiledLossConfig,
+    TiledMLPConfig,
+)
 from .attention import SUPPORTED_MODEL_TYPES
 
 __all__ = ["Technique", "TECHNIQUES", "SUPPORTED_MODEL_TYPES"]
@@ -45,6 +52,7 @@ TECHNIQUES: dict[str, Technique] = {
     "prefix_sharing": Technique("prefix_sharing", PrefixSharingConfig, SUPPORTED_MODEL_TYPES,
                                 "longkit.hf_patches.prefix_sharing.patch"),
     "tiled_loss": Technique("tiled_loss", TiledLossConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.tiled_loss"),
+    "tiled_mlp": Technique("tiled_mlp", TiledMLPConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.tiled_mlp"),
     "activation_offload": Technique("activation_offload", ActivationOffloadConfig, SUPPORTED_MODEL_TYPES,
                                     "longkit.offload"),
 }
