@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--bw-mib", type=int, default=1024, help="size of the timed pinned copy")
     ap.add_argument("--host-limit-gib", type=float, help="stop doubling when an offloading method would need more "
                                                          "host memory (default 80%% of RAM)")
+    ap.add_argument("--memory-gib", type=float, default=None, help="cap this process's GPU memory (torch's "
+                    "per-process memory fraction), e.g. 78 to measure an 80 GB card's lengths on a larger one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, lengths 32..256: checks the script")
@@ -320,6 +322,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         raise SystemExit("skipped: --shape 8b trains LoRA adapters and needs peft (pip install peft); --shape 1b "
                          "needs nothing more")
     args.host_limit_gib = args.host_limit_gib or 0.8 * _host_gib()
+    if args.memory_gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
+        print(f"GPU memory capped at {args.memory_gib:g} GiB of {total / 2**30:.1f}", flush=True)
     args.bandwidth = measure_bandwidth(args.bw_mib << 20, device)
     bw = args.bandwidth
     print(f"{bw['kind']}: device->host {bw['d2h_gbs']:.1f} GB/s, host->device {bw['h2d_gbs']:.1f} GB/s", flush=True)
