@@ -12,13 +12,20 @@ ranks of a sequence-parallel group by the ``"longkit"`` section of the DeepSpeed
     # GPUs: bf16, longer sequences (set "bf16": {"enabled": true} in the config)
     torchrun --nproc_per_node 8 recipes/long_context_sft.py --model /path/to/llama --config my_ds.json \
         --seq-len 131072
-    # one GPU or CPU process, no sequence parallelism; activation offload + tiled loss for longer sequences
+    # one GPU or CPU process, no sequence parallelism; activation offload + tiled loss/MLP for longer sequences
     torchrun --nproc_per_node 1 recipes/long_context_sft.py --sp-size 1 --gradient-checkpointing \
-        --activation-offload --tiled-loss --seq-len 2048
+        --activation-offload --tiled-loss --tiled-mlp --seq-len 2048
+    # a linear-attention hybrid (MiniMax-style: lightning attention + softmax layers) with LASP-2H
+    torchrun --nproc_per_node 2 recipes/long_context_sft.py --model tiny-minimax \
+        --config recipes/configs/lasp2_sp2_zero2.json --seq-len 1024
 
 ``--activation-offload`` adds ``"activation_offload": {}`` to the config's ``"longkit"`` section (saved tensors of
 each layer to host memory); ``--tiled-loss`` applies ``longkit.apply_patches(model, tiled_loss=True)`` (the LM head
-and loss in token tiles: no ``[tokens, vocab]`` logits). The longest length each reaches on a GPU is measured by
+and loss in token tiles: no ``[tokens, vocab]`` logits), ``--tiled-mlp`` ``apply_patches(model, tiled_mlp=True)``
+(each MLP in token tiles, recomputed in backward). ``--model tiny-minimax`` / ``tiny-qwen3.5`` are tiny random
+linear-attention hybrids (lightning attention / Gated DeltaNet layers between softmax layers) for
+``"sequence_parallel": {"mode": "lasp2"}`` (``recipes/configs/lasp2_sp2_zero2.json``): the linear layers pass their
+state between ranks (LASP-2), the softmax layers use Ulysses. The longest length each reaches on a GPU is measured by
 ``benchmarks/offload.py`` and ``benchmarks/tiled_loss.py``.
 """
 
@@ -45,6 +52,15 @@ def _documents(min_chars: int) -> list[str]:
     return [p.read_text(errors="replace") for p in files]
 
 
+# tiny random linear-attention hybrids (config class, model class, extra config) for LASP-2
+TINY_HYBRIDS = {
+    "tiny-minimax": ("MiniMaxConfig", "MiniMaxForCausalLM", dict(num_local_experts=1, num_experts_per_tok=1,
+                                                                 block_size=64)),
+    "tiny-qwen3.5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)),
+}
+
+
 class ByteTokenizer:
     """Bytes as token ids (vocabulary 256): enough to train the tiny random model on real text."""
 
@@ -62,6 +78,16 @@ def build_model(name: str, device: torch.device):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20)
         torch.manual_seed(0)
         return LlamaForCausalLM(cfg).to(device), ByteTokenizer()
+    if name in TINY_HYBRIDS:
+        import transformers
+
+        cfg_name, model_name, extra = TINY_HYBRIDS[name]
+        cfg = getattr(transformers, cfg_name)(
+            vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=1 << 20,
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"], **extra)
+        torch.manual_seed(0)
+        return getattr(transformers, model_name)(cfg).to(device), ByteTokenizer()
     if name == "default":
         from longkit.models import default_model_dir
 
@@ -95,8 +121,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(HERE / "configs" / "ulysses_sp2_zero2.json"),
                     help="DeepSpeed JSON config with a \"longkit\" section")
-    ap.add_argument("--model", default="tiny", help="'tiny' (random, byte vocabulary), 'default' (SmolLM2) or a "
-                                                    "model directory")
+    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama, byte vocabulary), 'tiny-minimax' / "
+                                                    "'tiny-qwen3.5' (random linear-attention hybrids, for mode "
+                                                    "lasp2), 'default' (SmolLM2) or a model directory")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--response-len", type=int, default=256, help="trained tokens at the end of each sample")
     ap.add_argument("--steps", type=int, default=4)
@@ -104,6 +131,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     ap.add_argument("--sp-size", type=int, help="override the config's sequence_parallel.size (1: no Ulysses)")
     ap.add_argument("--activation-offload", action="store_true", help="offload each layer's saved tensors to the host")
     ap.add_argument("--tiled-loss", action="store_true", help="LM head + cross-entropy in token tiles (no full logits)")
+    ap.add_argument("--tiled-mlp", action="store_true", help="each decoder layer's MLP in token tiles")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = ap.parse_args(argv)
 
@@ -125,8 +153,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         section.setdefault("sequence_parallel", {"mode": "ulysses"})["size"] = args.sp_size
     if args.activation_offload:
         section["activation_offload"] = {}
-    if args.tiled_loss:
-        longkit.apply_patches(model, tiled_loss=True)
+    if args.tiled_loss or args.tiled_mlp:
+        longkit.apply_patches(model, tiled_loss=args.tiled_loss or None, tiled_mlp=args.tiled_mlp or None)
     args.config = config
     sp_size = parse_ds_config(args.config).sequence_parallel.size
     dp = dist.get_world_size() // sp_size

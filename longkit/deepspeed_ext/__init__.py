@@ -12,7 +12,9 @@ for Hugging Face models.
 Built: Ulysses (all-to-all) sequence parallelism with GQA, uneven head counts, any sequence length
 (padded), packed documents and padding; ZeRO 0-3; bf16; per-layer activation offload to pinned host memory
 (``"activation_offload": {...}``, :mod:`longkit.offload`), alone or with Ulysses, with or without gradient
-checkpointing. Not built yet: LASP-2 (``mode: "lasp2"``) raises ``NotImplementedError``.
+checkpointing. LASP-2 / LASP-2H (``mode: "lasp2"`` or ``"auto"``) for the linear-attention layers of MiniMax,
+Qwen3-Next and Qwen3.5 (:mod:`longkit.deepspeed_ext.lasp2`; the softmax layers of these hybrids go through
+Ulysses in the same group).
 """
 
 from .config import ActivationOffloadConfig, LongkitDSConfig, SequenceParallelConfig, parse_ds_config

@@ -5,6 +5,10 @@ to the mode's attention over the sequence-parallel ``group``; ``config`` is the 
 :class:`~longkit.deepspeed_ext.config.SequenceParallelConfig`) and ``uninstall(model, undo)``. Batch sharding
 and loss reduction are the same for every mode and live in :mod:`.sequence_parallel`. Modules are imported on
 first use.
+
+``"lasp2"`` and ``"auto"`` share one module: it sorts the layers by type (linear attention -> LASP-2, softmax
+attention -> the Ulysses path, in the same group) and, under ``"auto"``, hands a softmax-only model to
+:mod:`.ulysses` whole.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ __all__ = ["SP_ADAPTERS", "sp_adapter"]
 
 SP_ADAPTERS: dict[str, str] = {
     "ulysses": "longkit.deepspeed_ext.ulysses",
+    "lasp2": "longkit.deepspeed_ext.lasp2",
+    "auto": "longkit.deepspeed_ext.lasp2",  # per layer type; a softmax-only model goes to Ulysses
 }
 
 

@@ -10,6 +10,10 @@ live next to DeepSpeed's own::
                   "activation_offload": {"min_tensor_bytes": 1048576, "gpu_fraction": 0.0}}
     }
 
+``"sequence_parallel".mode`` picks the technique per layer type: ``"ulysses"`` (softmax-attention models),
+``"lasp2"`` (linear-attention models: LASP-2; on a hybrid the softmax layers go through Ulysses in the same group,
+i.e. LASP-2H) or ``"auto"`` (whichever of the two the model's layers need).
+
 ``"activation_offload"`` takes the fields of :class:`longkit.config.ActivationOffloadConfig` (``enabled``,
 ``min_tensor_bytes``, ``gpu_fraction``, ``prefetch``, ``pin_memory``); the key present means on (``{}`` = the
 defaults), absent means off, ``{"enabled": false}`` keeps the section but turns it off.
@@ -37,9 +41,9 @@ SECTION = "longkit"
 _EXAMPLE = '"longkit": {"sequence_parallel": {"mode": "ulysses", "size": 2}}'
 _OFFLOAD_EXAMPLE = '"longkit": {"activation_offload": {"min_tensor_bytes": 1048576, "gpu_fraction": 0.0}}'
 _OFFLOAD_KEYS = tuple(f.name for f in fields(ActivationOffloadConfig))  # one key per field, same order
-_SP_MODES = ("ulysses",)
-_SP_MODES_LATER = ("lasp2",)
-_ATTENTION = ("auto", "kernel", "sdpa")  # accepted names that are not built yet -> NotImplementedError, not "unknown"
+_SP_MODES = ("ulysses", "lasp2", "auto")
+_SP_MODES_LATER: tuple[str, ...] = ()  # accepted names not built yet -> NotImplementedError, not "unknown"
+_ATTENTION = ("auto", "kernel", "sdpa")
 
 
 def _check_keys(where: str, given: dict[str, Any], allowed: tuple[str, ...], example: str = _EXAMPLE) -> None:
@@ -63,12 +67,18 @@ class SequenceParallelConfig:
     """``longkit.sequence_parallel``: how the sequence is split across ranks.
 
     Attributes:
-        mode: ``"ulysses"`` (all-to-all: sequence shards <-> head shards around every attention).
+        mode: ``"ulysses"`` (all-to-all: sequence shards <-> head shards around every softmax attention);
+            ``"lasp2"`` (linear-attention layers pass their recurrent state between ranks: one all-gather of
+            per-rank chunk summaries per layer, whose size does not depend on the sequence length; the
+            softmax layers of a hybrid model go through Ulysses in the same group: LASP-2H); or ``"auto"``:
+            by layer type, i.e. ``"ulysses"`` for a softmax-only model and ``"lasp2"`` for a model with
+            linear-attention layers. Supported linear-attention models: see
+            :data:`longkit.deepspeed_ext.lasp2.LASP2_MODEL_TYPES`.
         size: ranks per sequence-parallel group (1 turns sequence parallelism off). The world size must be
             a multiple of it; consecutive ranks form a group (keep a group inside one node: all-to-all is
             bandwidth-bound).
-        attention: the attention over the gathered sequence: ``"kernel"`` (longkit's masked-attention
-            kernel; its PyTorch reference on CPU), ``"sdpa"`` (``F.scaled_dot_product_attention`` with
+        attention: the softmax attention over the gathered sequence (in every mode): ``"kernel"`` (longkit's
+            masked-attention kernel; its PyTorch reference on CPU), ``"sdpa"`` (``F.scaled_dot_product_attention`` with
             ``is_causal``; only for rows without packing or padding), or ``"auto"``: SDPA where it applies
             (PyTorch's fastest causal backend, e.g. cuDNN/flash on Hopper), the kernel for packed documents
             and padding (which SDPA could only take as a dense T x T mask).

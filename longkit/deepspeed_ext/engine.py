@@ -34,10 +34,10 @@ def initialize(model: nn.Module, config: dict[str, Any] | str | Path, *, model_p
     Steps: validate the section (clear errors on bad values); initialise ``torch.distributed`` through
     DeepSpeed if needed; build the sequence-parallel groups (DeepSpeed itself treats every rank as
     data-parallel: ZeRO shards and averages over all ranks, and the loss backward is scaled to make that
-    exact); switch the HF model's attention to Ulysses; install activation offload if
-    ``"activation_offload"`` asks for it (``longkit.offload.get_offloader(model).stats()`` reports it); and, if
-    ``training_data`` is given, build a loader that feeds every rank of a group the same samples and yields
-    this rank's shard (labels shifted before sharding, sequence padded to the group size).
+    exact); switch the HF model's attention to the mode's (Ulysses; LASP-2 for linear-attention layers); install
+    activation offload if ``"activation_offload"`` asks for it (``longkit.offload.get_offloader(model).stats()``
+    reports it); and, if ``training_data`` is given, build a loader that feeds every rank of a group the same
+    samples and yields this rank's shard (labels shifted before sharding, sequence padded to the group size).
 
     Args:
         model: a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral families).

@@ -19,8 +19,8 @@ from longkit.errors import ConfigError
     ({"size": True}, "SequenceParallelConfig.size must be a positive integer, got True (bool)"),
     ({"size": 2.0}, "SequenceParallelConfig.size must be a positive integer, got 2.0 (float)"),
     ({"size": "2"}, "SequenceParallelConfig.size must be a positive integer, got '2' (str)"),
-    ({"mode": "ring"}, "SequenceParallelConfig.mode must be one of ['ulysses'], got 'ring'"),
-    ({"mode": None}, "SequenceParallelConfig.mode must be one of ['ulysses'], got None"),
+    ({"mode": "ring"}, "SequenceParallelConfig.mode must be one of ['ulysses', 'lasp2', 'auto'], got 'ring'"),
+    ({"mode": None}, "SequenceParallelConfig.mode must be one of ['ulysses', 'lasp2', 'auto'], got None"),
     ({"attention": "flash"}, "SequenceParallelConfig.attention must be one of ['auto', 'kernel', 'sdpa']"),
 ])
 def test_sequence_parallel_config_constructed_directly(kwargs: dict, message: str) -> None:
@@ -29,9 +29,9 @@ def test_sequence_parallel_config_constructed_directly(kwargs: dict, message: st
     assert message in str(exc.value)
 
 
-def test_sequence_parallel_config_planned_mode_and_normalised_size() -> None:
-    with pytest.raises(NotImplementedError, match="SequenceParallelConfig.mode='lasp2' is not built yet"):
-        SequenceParallelConfig(mode="lasp2")
+def test_sequence_parallel_config_modes_and_normalised_size() -> None:
+    assert SequenceParallelConfig(mode="lasp2").mode == "lasp2"
+    assert SequenceParallelConfig(mode="auto").mode == "auto"
     cfg = SequenceParallelConfig(size=np.int64(4))
     assert type(cfg.size) is int and cfg == SequenceParallelConfig(size=4)
 

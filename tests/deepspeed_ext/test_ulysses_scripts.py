@@ -1,4 +1,5 @@
-"""The Ulysses GPU benchmark and the SFT recipe run end to end at toy size on CPU (gloo)."""
+"""The Ulysses GPU benchmark and the SFT recipe (Ulysses; offload + tiled loss/MLP; LASP-2 on a linear-attention
+hybrid) run end to end at toy size on CPU (gloo)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,32 @@ def test_long_context_sft_recipe_trains(tmp_path):
 
 
 def test_long_context_sft_recipe_with_offload_and_tiled_loss(tmp_path):
-    """One process, no sequence parallelism, gradient checkpointing + activation offload + tiled loss: trains."""
+    """One process, no sequence parallelism, gradient checkpointing + activation offload + tiled loss and MLP:
+    trains."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29643",
            str(ROOT / "recipes" / "long_context_sft.py"), "--steps", "3", "--seq-len", "512", "--response-len",
-           "128", "--sp-size", "1", "--gradient-checkpointing", "--activation-offload", "--tiled-loss"]
+           "128", "--sp-size", "1", "--gradient-checkpointing", "--activation-offload", "--tiled-loss", "--tiled-mlp"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sequence-parallel size 1" in proc.stdout
     losses = [float(line.split("loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "loss " in line]
     assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
+
+
+def _recipe_losses(tmp_path: Path, nproc: int, port: int, *extra: str) -> list[float]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           str(ROOT / "recipes" / "long_context_sft.py"), "--model", "tiny-minimax", "--config",
+           str(ROOT / "recipes" / "configs" / "lasp2_sp2_zero2.json"), "--steps", "3", "--seq-len", "512",
+           "--response-len", "128", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [float(line.split("loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "loss " in line]
+
+
+def test_long_context_sft_recipe_lasp2_matches_one_process(tmp_path):
+    """The LASP-2 command of the recipe (tiny MiniMax-style hybrid, 2 gloo processes, mode lasp2): the same losses,
+    step after step, as one process on the same samples (the weights follow the same updates)."""
+    two = _recipe_losses(tmp_path, 2, 29645)
+    one = _recipe_losses(tmp_path, 1, 29647, "--sp-size", "1")
+    assert len(two) == len(one) == 3 and two[-1] < two[0], (one, two)
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-3, (one, two)

@@ -102,7 +102,7 @@ def test_every_sequence_parallel_mode_has_an_adapter():
         adapter = sp_adapter(mode)
         assert callable(adapter.install) and callable(adapter.uninstall)
     with pytest.raises(ConfigError, match="no sequence-parallel adapter"):
-        sp_adapter("lasp2")
+        sp_adapter("ring")
 
 
 def test_vllm_installers_resolve():
