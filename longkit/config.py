@@ -350,7 +350,8 @@ class TiledMLPConfig:
     """Run every decoder layer's MLP ``chunk_size`` tokens at a time, recomputing each tile in backward.
 
     The MLP's intermediates (``4 × intermediate_size`` values per token for a Llama MLP: 115 KB per token at
-    Llama-3-8B's 14336 in bf16) then exist for one tile at a time; autograd keeps only the MLP's input. Costs one more MLP forward per training step (the backward recomputes each tile).
+    Llama-3-8B's 14336 in bf16) then exist for one tile at a time; autograd keeps only the MLP's input. Costs one
+    more MLP forward per training step (the backward recomputes each tile).
 
     Args:
         chunk_size: tokens per tile. Smaller saves memory, larger runs fewer, bigger GEMMs.
