@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ActivationOffloadConfig, LMInfiniteConfig, PrefixSharingConfig, RopeConfig, TiledLossConfig
+from .config import (
+    ActivationOffloadConfig,
+    LMInfiniteConfig,
+    PrefixSharingConfig,
+    RopeConfig,
+    TiledLossConfig,
+    TiledMLPConfig,
+)
 from .errors import ConfigError, HostVersionError, LongkitError, UnsupportedModelError
 
 __version__ = "0.1.0"
@@ -21,6 +28,7 @@ __all__ = [
     "RopeConfig",
     "PrefixSharingConfig",
     "TiledLossConfig",
+    "TiledMLPConfig",
     "ActivationOffloadConfig",
     "register_rope_types",
     "LongkitError",
