@@ -50,7 +50,13 @@ def _state(module: nn.Module) -> LinearLayerState:
     return state
 
 
+# the KV-cache argument's names: past_key_values / cache_params up to transformers 5.23, cache since 5.24
+_CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
+
+
 def _refuse(module: nn.Module, cache: Any, kwargs: dict[str, Any]) -> None:  # noqa: ANN401
+    if cache is None:
+        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
     if cache is not None:
         raise NotImplementedError(f"LASP-2 sequence parallelism ({type(module).__name__}) is for training and "
                                   "prefill without a cache; pass use_cache=False (generation is not "
