@@ -69,8 +69,9 @@ def test_truncated_basis_matches_the_paper(d):
     base = 10000.0
     f = standard_inv_freq(d, base)
     # thresholds strictly between frequencies (float32 vs float64 cannot disagree about a comparison)
-    lo, hi = sorted(torch.randint(1, d // 2 - 1, (2,)).tolist())
-    hi = max(hi, lo + 1)
+    # 1 <= lo < hi <= d/2 - 2, so f[lo - 1] and f[hi + 1] both exist
+    lo = int(torch.randint(1, d // 2 - 2, ()))
+    hi = int(torch.randint(lo + 1, d // 2 - 1, ()))
     a, b = math.sqrt(f[hi] * f[hi + 1]), math.sqrt(f[lo - 1] * f[lo])
     rho = a / 2
     got = truncated_basis(f, a, b, rho)

@@ -205,7 +205,9 @@ def test_trainer_step_equals_stock() -> None:
     for name, p in stock_params.items():
         moved = (stock_params[name] - base.state_dict()[name]).norm().item()
         err = (params[name] - p).norm().item()
-        assert err <= 1e-4 * max(moved, 1e-6), (name, err, moved)
+        # floor: each weight may differ by one float32 rounding of its own value (a weight near 1.0 moved 1e-3)
+        floor = 2 * torch.finfo(torch.float32).eps * p.norm().item()
+        assert err <= 1e-4 * moved + floor, (name, err, moved, floor)
 
 
 # ----------------------------------------------------------------------------- refused
