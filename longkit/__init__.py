@@ -10,7 +10,9 @@ from typing import Any
 
 from .config import (
     ActivationOffloadConfig,
+    KVCacheConfig,
     LMInfiniteConfig,
+    MemoryConfig,
     PrefixSharingConfig,
     RopeConfig,
     TiledLossConfig,
@@ -30,6 +32,8 @@ __all__ = [
     "TiledLossConfig",
     "TiledMLPConfig",
     "ActivationOffloadConfig",
+    "MemoryConfig",
+    "KVCacheConfig",
     "register_rope_types",
     "LongkitError",
     "UnsupportedModelError",

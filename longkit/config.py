@@ -362,3 +362,172 @@ class TiledMLPConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunk_size", check_int(type(self).__name__, "chunk_size", self.chunk_size, min=1))
 
+
+# --------------------------------------------------------------------------- memory blocks (InfLLM-style)
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Memory blocks of the tokens LM-Infinite leaves out of view (InfLLM: Xiao et al., arXiv 2402.04617).
+
+    Used as ``apply_patches(model, lm_infinite=..., memory=MemoryConfig(...))``: LM-Infinite's sinks and local
+    window stay as they are; the middle tokens (past the sinks, out of the window) are grouped into blocks of
+    ``block_size`` positions, each block keeps ``repr_keys`` representative keys, and every chunk of queries also
+    attends to the ``topk`` blocks whose representatives score highest against the chunk's mean query. Every
+    retrieved block is seen at the same place, ``distance`` before the query (its token ``o`` at ``distance - o``,
+    so its inner order is kept), as LM-Infinite sees its sinks at ``limit_distance``: no distance unseen in
+    pretraining appears. See ``docs/inf_memory.md``.
+
+    Args:
+        block_size: positions per memory block. LM-Infinite's ``n_local`` must be at least twice this.
+        repr_keys: representative keys per block (``1 .. block_size``): the tokens that receive the most
+            attention from the ``block_size`` queries that follow them (a softmax over those queries' last
+            ``block_size`` keys). ``repr_keys == block_size`` scores blocks by every key (exact, slower).
+        topk: blocks retrieved per query chunk and KV head. ``0`` = no retrieval (exactly LM-Infinite).
+        chunk_size: queries per retrieval chunk in a multi-token forward (prefill), counted back from its last
+            token; a one-token decode step is its own chunk.
+        distance: relative distance at which a retrieved block's first token is seen (its token ``o`` at
+            ``distance - o``). ``None`` = LM-Infinite's ``limit_distance`` (by default its ``n_local``, as InfLLM).
+            Between ``block_size`` and the pretraining length.
+        reselect_every: decoding re-selects the blocks every this many steps (``1`` = every step); until the first
+            re-selection after a prompt, decode steps use the blocks the prompt's last chunk selected.
+        offload: keep the blocks' keys and values in (pinned) host memory with a cache of recently used blocks on
+            the device, so device memory stays bounded whatever the input length. Costs one device-to-host read of
+            the selected block ids per layer and selection. On a CPU model both live in host memory (same outputs,
+            nothing saved).
+        gpu_blocks: with ``offload``, device cache size in blocks per layer (each block holds every batch row and
+            KV head). ``None`` = ``batch × kv_heads × topk``, the most one selection can use.
+    """
+
+    block_size: int = 128
+    repr_keys: int = 4
+    topk: int = 16
+    chunk_size: int = 512
+    distance: int | None = None
+    reselect_every: int = 1
+    offload: bool = False
+    gpu_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        ints = {
+            "block_size": check_int(owner, "block_size", self.block_size, min=1),
+            "repr_keys": check_int(owner, "repr_keys", self.repr_keys, min=1),
+            "topk": check_int(owner, "topk", self.topk, min=0),
+            "chunk_size": check_int(owner, "chunk_size", self.chunk_size, min=1),
+            "distance": check_int(owner, "distance", self.distance, min=1, allow_none=True),
+            "reselect_every": check_int(owner, "reselect_every", self.reselect_every, min=1),
+            "gpu_blocks": check_int(owner, "gpu_blocks", self.gpu_blocks, min=1, allow_none=True),
+        }
+        for name, value in ints.items():
+            object.__setattr__(self, name, value)
+        check_bool(owner, "offload", self.offload)
+        if self.repr_keys > self.block_size:
+            raise ConfigError(f"{owner}.repr_keys={self.repr_keys} exceeds block_size={self.block_size}; a block has "
+                              f"only block_size keys to choose from (repr_keys == block_size scores by every key)")
+        if self.gpu_blocks is not None and not self.offload:
+            raise ConfigError(f"{owner}.gpu_blocks={self.gpu_blocks} only applies with offload=True (the device cache "
+                              "of offloaded blocks); set offload=True or leave gpu_blocks None")
+        if self.gpu_blocks is not None and self.gpu_blocks < self.topk:
+            raise ConfigError(f"{owner}.gpu_blocks={self.gpu_blocks} is below topk={self.topk}: one selection needs "
+                              "at least topk blocks on the device; use gpu_blocks >= topk")
+
+
+# --------------------------------------------------------------------------- quantized KV cache
+_KV_BITS = (2, 3, 4, 16)
+_KV_KEY_AXES = ("token", "channel")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """A quantized KV cache (TurboQuant-style rotation + scalar codes + optional QJL; KIVI as a baseline).
+
+    Shared by every host: ``apply_patches(model, kv_cache=KVCacheConfig(...))`` (transformers, see
+    ``docs/kv_cache.md``) and the vLLM plugin read the same fields with the same meaning. The first nine fields are
+    those of :class:`longkit.kernels.kv_quant.KVQuantSpec` (:meth:`spec` builds it; they are checked by the same
+    rules here, without importing the kernels); ``residual_length`` belongs to the cache.
+
+    Args:
+        key_bits: bits per stored key channel: 2, 3, 4, or 16 (keys stored raw in 16 bits).
+        value_bits: bits per stored value channel: 2, 3, 4, or 16.
+        group_size: elements sharing one fp16 scale and zero (a divisor of the head dim; with ``key_axis="channel"``
+            keys are grouped over this many tokens instead).
+        key_axis: ``"token"`` (key groups along the head dim) or ``"channel"`` (KIVI: per-channel key scales over
+            groups of ``group_size`` tokens).
+        rotate: randomized Hadamard rotation of post-RoPE keys (and queries) and of values before quantization
+            (power-of-two head dims).
+        qjl: 1-bit QJL sketch of the key quantization residual, which makes the score estimate unbiased.
+        qjl_dim: QJL projections, a multiple of 16 in [16, 1024]; ``None`` = the stored key dim. Needs ``qjl``.
+        keep_channels: fraction of key channels stored (ThinK), in (0, 1]; chosen per KV head from the prompt.
+        seed: seed of the rotation signs and the QJL matrix (mixed with the layer index).
+        residual_length: the newest tokens kept in full precision (KIVI's residual window): a token is quantized
+            when it leaves this window. ``0`` quantizes every token once the forward that produced it is done.
+    """
+
+    key_bits: int = 4
+    value_bits: int = 4
+    group_size: int = 32
+    key_axis: str = "token"
+    rotate: bool = True
+    qjl: bool = False
+    qjl_dim: int | None = None
+    keep_channels: float = 1.0
+    seed: int = 0
+    residual_length: int = 128
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        set_ = object.__setattr__  # normalised values (numpy ints -> int) so equal configs compare and hash equal
+        for name in ("key_bits", "value_bits"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and hasattr(value, "__index__"):
+                value = int(value.__index__())
+            set_(self, name, check_choice(owner, name, value, _KV_BITS))
+        set_(self, "group_size", check_int(owner, "group_size", self.group_size, min=1, max=4096))
+        check_choice(owner, "key_axis", self.key_axis, _KV_KEY_AXES)
+        check_bool(owner, "rotate", self.rotate)
+        check_bool(owner, "qjl", self.qjl)
+        set_(self, "qjl_dim", check_int(owner, "qjl_dim", self.qjl_dim, min=16, max=1024, allow_none=True,
+                                        want="None or a multiple of 16 in [16, 1024]"))
+        if self.qjl_dim is not None and self.qjl_dim % 16:
+            raise ConfigError(f"{owner}.qjl_dim must be a multiple of 16 (whole, even bytes of sign bits), got "
+                              f"{self.qjl_dim}; e.g. {max(16, 16 * round(self.qjl_dim / 16))}")
+        if self.qjl_dim is not None and not self.qjl:
+            raise ConfigError(f"{owner}.qjl_dim={self.qjl_dim} is set but qjl=False: pass qjl=True or drop qjl_dim")
+        set_(self, "keep_channels", check_number(owner, "keep_channels", self.keep_channels, min=0.0, max=1.0,
+                                                 min_exclusive=True))
+        set_(self, "seed", check_int(owner, "seed", self.seed, min=0, max=2 ** 63 - 1))
+        set_(self, "residual_length", check_int(owner, "residual_length", self.residual_length, min=0))
+        if self.qjl and self.key_bits == 16:
+            raise ConfigError(f"{owner}: qjl=True sketches the key quantization residual, but key_bits=16 stores keys "
+                              "exactly (no residual): use key_bits in (2, 3, 4) or qjl=False")
+        if self.key_axis == "channel" and self.key_bits == 16:
+            raise ConfigError(f"{owner}: key_axis='channel' sets how keys are quantized, but key_bits=16 stores them "
+                              "raw: use key_axis='token' with key_bits=16")
+
+    def spec(self) -> Any:  # noqa: ANN401 - a KVQuantSpec (imported lazily: this module imports no kernel)
+        """The kernels' :class:`~longkit.kernels.kv_quant.KVQuantSpec` of these options (without the window)."""
+        from .kernels.kv_quant import KVQuantSpec
+
+        names = ("key_bits", "value_bits", "group_size", "key_axis", "rotate", "qjl", "qjl_dim", "keep_channels",
+                 "seed")
+        return KVQuantSpec(**{n: getattr(self, n) for n in names})
+
+    @classmethod
+    def from_spec(cls, spec: Any, residual_length: int = 128) -> KVCacheConfig:  # noqa: ANN401
+        """The config of a :class:`~longkit.kernels.kv_quant.KVQuantSpec` plus a full-precision window."""
+        names = [f.name for f in fields(cls) if f.name != "residual_length"]
+        missing = [n for n in names if not hasattr(spec, n)]
+        if missing:
+            raise ConfigError(f"KVCacheConfig.from_spec needs a KVQuantSpec, got {type(spec).__name__} (no {missing})")
+        return cls(**{n: getattr(spec, n) for n in names}, residual_length=residual_length)
+
+    @classmethod
+    def identity(cls, residual_length: int = 128) -> KVCacheConfig:
+        """16-bit keys and values, no rotation: the cache stores its input unchanged (a test setting)."""
+        return cls(key_bits=16, value_bits=16, rotate=False, residual_length=residual_length)
+
+    @classmethod
+    def kivi(cls, bits: int = 2, group_size: int = 32, residual_length: int = 128) -> KVCacheConfig:
+        """KIVI (Liu et al., 2024), the baseline: no rotation, per-channel key scales over ``group_size`` tokens,
+        per-token value scales, ``bits`` for both, and a full-precision window of ``residual_length`` tokens."""
+        return cls(key_bits=bits, value_bits=bits, group_size=group_size, key_axis="channel", rotate=False,
+                   residual_length=residual_length)

@@ -90,7 +90,7 @@ def test_demo_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     first = res["buckets"][0]
     assert abs(first["vanilla_ppl"] - first["lm_infinite_ppl"]) / first["vanilla_ppl"] < 0.02
     # The key sits inside the window, so both methods see it, and this model finds it with both (greedy, fp32).
-    assert [r["method"] for r in res["passkey"]] == ["vanilla", "LM-Infinite"]
+    assert [r["method"] for r in res["passkey"]] == ["vanilla", "LM-Infinite", "LM-Inf+memory"]
     for r in res["passkey"]:
         assert r["error"] is None and r["visible_to_lm_infinite"], r
         assert r["found"] and demo.PASSKEY in r["answer"], r

@@ -18,7 +18,7 @@ def test_ci_runs_the_readme_test_command():
 def test_public_api_is_small_and_pinned():
     assert sorted(longkit.__all__) == sorted([
         "apply_patches", "remove_patches", "patched", "LMInfiniteConfig", "RopeConfig", "PrefixSharingConfig",
-        "TiledLossConfig", "TiledMLPConfig", "ActivationOffloadConfig",
+        "TiledLossConfig", "TiledMLPConfig", "ActivationOffloadConfig", "MemoryConfig", "KVCacheConfig",
         "register_rope_types",
         "LongkitError",
         "UnsupportedModelError", "HostVersionError", "ConfigError", "__version__",

@@ -14,7 +14,9 @@ from typing import Any
 
 from ..config import (
     ActivationOffloadConfig,
+    KVCacheConfig,
     LMInfiniteConfig,
+    MemoryConfig,
     PrefixSharingConfig,
     RopeConfig,
     TiledLossConfig,
@@ -48,6 +50,7 @@ class Technique:
 TECHNIQUES: dict[str, Technique] = {
     "lm_infinite": Technique("lm_infinite", LMInfiniteConfig, SUPPORTED_MODEL_TYPES,
                              "longkit.hf_patches.lm_infinite"),
+    "memory": Technique("memory", MemoryConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.inf_memory"),
     "rope": Technique("rope", RopeConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.rope"),
     "prefix_sharing": Technique("prefix_sharing", PrefixSharingConfig, SUPPORTED_MODEL_TYPES,
                                 "longkit.hf_patches.prefix_sharing.patch"),
@@ -55,4 +58,5 @@ TECHNIQUES: dict[str, Technique] = {
     "tiled_mlp": Technique("tiled_mlp", TiledMLPConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.tiled_mlp"),
     "activation_offload": Technique("activation_offload", ActivationOffloadConfig, SUPPORTED_MODEL_TYPES,
                                     "longkit.offload"),
+    "kv_cache": Technique("kv_cache", KVCacheConfig, SUPPORTED_MODEL_TYPES, "longkit.hf_patches.kv_cache"),
 }
