@@ -1,5 +1,6 @@
-"""vLLM plugins: the ``longkit_suffix`` speculative-decoding drafter (suffix matching + copying), and a guard that
-refuses longkit's Giraffe RoPE types (which vLLM does not implement) when a model config is built.
+"""vLLM plugins: the ``longkit_suffix`` speculative-decoding drafter (suffix matching + copying), a guard that
+refuses longkit's Giraffe RoPE types (which vLLM does not implement) when a model config is built, and a packed
+low-bit KV cache for vLLM's CPU platform (``additional_config={"longkit_kv_cache": {...}}``).
 
 ``register`` is the ``vllm.general_plugins`` entry point (``longkit = "longkit.vllm_plugins:register"``).
 vLLM calls it in every process it starts (API server or ``LLM`` process, engine core, workers),
@@ -33,6 +34,8 @@ class Installer(NamedTuple):
 INSTALLERS: tuple[Installer, ...] = (
     Installer("longkit.vllm_plugins.spec.method:install_method_alias", "speculative method 'longkit_suffix'"),
     Installer("longkit.vllm_plugins.rope_guard:install_rope_guard", "Giraffe rope_type refused at model config"),
+    Installer("longkit.vllm_plugins.kv_cache.install:install_kv_cache", "packed KV cache (additional_config "
+              "'longkit_kv_cache', CPU)"),
 )
 
 _registered = False
