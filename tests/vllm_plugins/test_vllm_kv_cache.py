@@ -412,7 +412,7 @@ def test_cuda_platform_is_refused(monkeypatch):
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False)
     with pytest.raises(NotImplementedError, match="CUDA attention backend on longkit's Triton kernels is not built"):
         check_engine_config(_fake_vllm_config())
-    assert "tested on GPU directly" in CUDA_MESSAGE
+    assert "not built yet" in CUDA_MESSAGE and "transformers KV cache" in CUDA_MESSAGE
     assert check_engine_config(_fake_vllm_config(cfg__additional_config={})) is None  # off: nothing refused
 
 

