@@ -67,17 +67,33 @@ def apply_patches(model: Any, **features: Any) -> Any:
     for name in wanted:
         check_model(model, name, TECHNIQUES[name].model_types)
     handle: PatchHandle = getattr(model, HANDLE_ATTR, None) or PatchHandle(model)
+    try:
+        _install_all(model, handle, wanted)
+    finally:  # also after a refused technique: what was installed stays recorded, so remove_patches undoes it
+        if handle.undo:
+            setattr(model, HANDLE_ATTR, handle)
+    return model
+
+
+def _install_all(model: Any, handle: PatchHandle, wanted: dict[str, Any]) -> None:
     for name, cfg in wanted.items():
         if handle.configs.get(name) == cfg:
             continue  # idempotent
+        later: list[tuple[str, Any]] = []
         if name in handle.undo:
+            # Techniques applied after this one may build on it (memory and kv_cache stack on lm_infinite): take
+            # them off first, newest first, and put them back on top of the new configuration.
+            names = list(handle.undo)
+            for other in reversed(names[names.index(name) + 1:]):
+                TECHNIQUES[other].uninstall(model, handle.undo.pop(other))
+                later.insert(0, (other, handle.configs.pop(other)))
             TECHNIQUES[name].uninstall(model, handle.undo.pop(name))
-        undo = TECHNIQUES[name].install(model, cfg)
-        if not undo.get("touched"):
-            raise UnsupportedModelError(f"{name}: patch touched nothing in {type(model).__name__}")
-        handle.configs[name], handle.undo[name] = cfg, undo
-    setattr(model, HANDLE_ATTR, handle)
-    return model
+            handle.configs.pop(name, None)
+        for tech, tech_cfg in [(name, cfg), *later]:
+            undo = TECHNIQUES[tech].install(model, tech_cfg)
+            if not undo.get("touched"):
+                raise UnsupportedModelError(f"{tech}: patch touched nothing in {type(model).__name__}")
+            handle.configs[tech], handle.undo[tech] = tech_cfg, undo
 
 
 def remove_patches(model: Any) -> Any:
@@ -104,7 +120,7 @@ def patched(model: Any, **features: Any):
     finally:
         handle = get_patches(model)
         if handle is not None:
-            for name in list(handle.undo):
+            for name in reversed(list(handle.undo)):  # newest first: a technique may sit on an earlier one
                 if name not in before:
                     TECHNIQUES[name].uninstall(model, handle.undo.pop(name))
                     handle.configs.pop(name)

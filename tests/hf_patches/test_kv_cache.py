@@ -11,7 +11,7 @@ import torch
 
 import longkit
 from longkit import ConfigError, UnsupportedModelError
-from longkit.config import KVCacheConfig
+from longkit.config import KVCacheConfig, LMInfiniteConfig, MemoryConfig
 from longkit.hf_patches import get_patches
 from longkit.hf_patches.kv_cache import ATTN_KEY, QuantizedKVCache, QuantizedKVLayer
 from longkit.kernels.kv_quant import KVQuantSpec, bytes_per_token, dequantize_kv
@@ -31,6 +31,7 @@ def _q4(residual_length: int = 4, **kw) -> KVCacheConfig:
 
 
 def _generate(model, ids, mask=None, **kw):
+    model.generation_config.eos_token_id = None  # every run generates max_new_tokens (a random token may be EOS)
     kw = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0, **kw}
     return model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kw)
 
@@ -385,9 +386,10 @@ def test_unsupported_models_and_combinations():
     windowed = tiny_model("mistral", sliding_window=32)
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         longkit.apply_patches(windowed, kv_cache=_q4())
-    lmi = tiny_model("llama")
-    longkit.apply_patches(lmi, lm_infinite=True)
-    with pytest.raises(NotImplementedError, match="kv_cache together with lm_infinite"):
+    lmi = tiny_model("llama")  # kv_cache stacks on lm_infinite (test_kv_cache_lm_infinite.py), not on memory blocks
+    longkit.apply_patches(lmi, lm_infinite=LMInfiniteConfig(n_global=2, n_local=16),
+                          memory=MemoryConfig(block_size=4, topk=2, chunk_size=8))
+    with pytest.raises(NotImplementedError, match="'longkit_inf_memory' on top of lm_infinite"):
         longkit.apply_patches(lmi, kv_cache=_q4())
 
 

@@ -9,12 +9,16 @@ Modules:
 
 * :mod:`.cache`: :class:`QuantizedKVCache` (a transformers ``Cache``) and its layer :class:`QuantizedKVLayer`;
 * :mod:`.attention`: the attention function registered under ``longkit_kv_cache`` (packed part + window, merged);
+* :mod:`.bounded`: on top of LM-Infinite, :class:`BoundedQuantizedKVCache` (sinks + packed ring + window) and its
+  attention (``longkit_kv_cache_lm_infinite``);
 * :mod:`.patch`: :func:`install` / :func:`uninstall` on one model instance (found by
   :mod:`longkit.hf_patches.registry`).
 """
 
 from .attention import ATTN_KEY, kv_cache_attention
+from .bounded import BoundedQuantizedKVCache
 from .cache import QuantizedKVCache, QuantizedKVLayer
 from .patch import install, uninstall
 
-__all__ = ["ATTN_KEY", "install", "uninstall", "kv_cache_attention", "QuantizedKVCache", "QuantizedKVLayer"]
+__all__ = ["ATTN_KEY", "install", "uninstall", "kv_cache_attention", "QuantizedKVCache", "QuantizedKVLayer",
+           "BoundedQuantizedKVCache"]

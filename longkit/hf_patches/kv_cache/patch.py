@@ -8,8 +8,12 @@
 Refused with a clear error (each is a combination this cache cannot serve correctly): another cache passed to
 ``generate()`` or a ``cache_implementation``; assisted/speculative generation (a rollback cannot give back full
 precision to tokens quantized during a rejected verification); the CUDA-graph decode runner (the cache's lengths
-live on the host and its buffers grow); LM-Infinite (both replace the attention, and the packed part has no
-bounded layout yet); sliding-window models.
+live on the host and its buffers grow); sliding-window models.
+
+On top of LM-Infinite (``apply_patches(model, lm_infinite=..., kv_cache=...)``, LM-Infinite first): the attention
+switches to ``longkit_kv_cache_lm_infinite`` and ``generate()`` builds a
+:class:`~.bounded.BoundedQuantizedKVCache` (LM-Infinite's sinks + window, the window's older tokens packed);
+removing ``kv_cache`` gives LM-Infinite back.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from ...errors import ConfigError, UnsupportedModelError
 from ..attention import attention_modules, check_model, restore_attention, sliding_window, switch_attention
 from ..compat import cache_kwarg
 from ..handle import HANDLE_ATTR
+from ..lm_infinite.attention import ATTN_KEY as LMI_KEY
+from ..lm_infinite.attention import STATE_ATTR as LMI_STATE
+from ..lm_infinite.attention import lm_infinite_mask
 from .attention import ATTN_KEY, STATE_ATTR, kv_cache_attention, kv_cache_mask
+from .bounded import BOUNDED_ATTN_KEY, BoundedQuantizedKVCache, bounded_attention, check_bounded_options
 from .cache import QuantizedKVCache, check_spec_fits
 
 __all__ = ["install", "uninstall"]
@@ -42,19 +50,41 @@ def _refuse_graph_runner(model: nn.Module) -> None:
         )
 
 
-def _check_model(model: nn.Module, cfg: KVCacheConfig) -> list[nn.Module]:
-    """The model's attention modules, after every check the quantized cache needs."""
+def _lm_infinite_config(model: nn.Module, attns: list[nn.Module]) -> Any:
+    """LM-Infinite's resolved config when this model runs LM-Infinite (kv_cache then stacks on it), else ``None``."""
+    if model.config._attn_implementation != LMI_KEY:
+        return None
+    states = [getattr(m, LMI_STATE, None) for m in attns]
+    if any(st is None for st in states):
+        return None
+    lm = states[0].cfg
+    if lm.decode == "cuda_graph":
+        raise NotImplementedError(
+            "kv_cache on top of lm_infinite does not support LMInfiniteConfig(decode='cuda_graph') yet (the packed "
+            "ring is written with host-side bookkeeping); use decode='eager' or 'static' (both decode with the "
+            "quantized bounded cache)"
+        )
+    if not lm.bounded_cache:
+        raise ConfigError("kv_cache on top of lm_infinite needs LMInfiniteConfig(bounded_cache=True): the quantized "
+                          "bounded cache is what generate() uses")
+    return lm
+
+
+def _check_model(model: nn.Module, cfg: KVCacheConfig) -> tuple[list[nn.Module], Any]:
+    """The model's attention modules and LM-Infinite's config (or ``None``), after every check the cache needs."""
     check_model(model, TECHNIQUE)
     handle = getattr(model, HANDLE_ATTR, None)
     current = model.config._attn_implementation
-    if (handle is not None and "lm_infinite" in handle.configs) or current == "longkit_lm_infinite":
-        raise NotImplementedError(
-            "kv_cache together with lm_infinite is not supported: both replace the attention, and the quantized cache "
-            "has no bounded (sink + window) layout yet. Use one of them: longkit.remove_patches(model) first"
-        )
-    if isinstance(current, str) and current.startswith("longkit_") and current != ATTN_KEY:
+    attns = attention_modules(getattr(model, "model", model), TECHNIQUE)
+    lm = _lm_infinite_config(model, attns)
+    if lm is None and handle is not None and "lm_infinite" in handle.configs:
+        raise NotImplementedError(f"kv_cache cannot be combined with {current!r} on top of lm_infinite (e.g. "
+                                  "memory blocks); use lm_infinite and kv_cache alone")
+    if lm is None and isinstance(current, str) and current.startswith("longkit_") and current != ATTN_KEY:
         raise NotImplementedError(f"kv_cache cannot be combined with another longkit attention ({current!r}): both "
                                   "replace the attention; use one of them")
+    if lm is not None:
+        check_bounded_options(cfg, lm.n_local)
     window = sliding_window(model.config)
     if window is not None:
         raise UnsupportedModelError(
@@ -62,16 +92,17 @@ def _check_model(model: nn.Module, cfg: KVCacheConfig) -> list[nn.Module]:
             "the packed part is read in full. Use a full-attention model (e.g. use_sliding_window=False in its config "
             "if it was trained without one)"
         )
-    attns = attention_modules(getattr(model, "model", model), TECHNIQUE)
     check_spec_fits(cfg.spec(), attns[0].head_dim)
     _refuse_graph_runner(model)
-    return attns
+    return attns, lm
 
 
-def _wrap_prepare_cache(model: nn.Module, cfg: KVCacheConfig) -> None:
-    """Make ``generate()`` build a :class:`QuantizedKVCache` where it would build its default dynamic cache."""
+def _wrap_prepare_cache(model: nn.Module, cfg: KVCacheConfig, lm: Any = None) -> None:
+    """Make ``generate()`` build a :class:`QuantizedKVCache` (or, on top of LM-Infinite, a
+    :class:`BoundedQuantizedKVCache`) where it would build its default dynamic cache."""
     original = model._prepare_cache_for_generation
     key = cache_kwarg()  # "cache" from transformers 5.24, "past_key_values" before
+    ours_type = QuantizedKVCache if lm is None else BoundedQuantizedKVCache
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         mode = args[0] if args else kwargs.get("generation_mode")
@@ -82,12 +113,15 @@ def _wrap_prepare_cache(model: nn.Module, cfg: KVCacheConfig) -> None:
                 "generate without an assistant, or longkit.remove_patches(model)"
             )
         _refuse_graph_runner(self)
+        if lm is not None and (generation_config.num_beams or 1) > 1:
+            raise NotImplementedError("beam search is not supported with lm_infinite + kv_cache (the packed ring is "
+                                      "per row); use greedy decoding or sampling")
         user_cache = model_kwargs.get(key)
-        if user_cache is not None and not isinstance(user_cache, QuantizedKVCache):
+        if user_cache is not None and not isinstance(user_cache, ours_type):
             raise ConfigError(
                 f"this model is patched with kv_cache, but generate() got a {type(user_cache).__name__}: pass a "
-                f"longkit.hf_patches.kv_cache.QuantizedKVCache(model.config, cfg), or none (generate() then builds "
-                "one), or longkit.remove_patches(model) for a full-precision cache"
+                f"longkit.hf_patches.kv_cache.{ours_type.__name__}, or none (generate() then builds one), or "
+                "longkit.remove_patches(model) for a full-precision cache"
             )
         if user_cache is None and generation_config.cache_implementation is not None:
             raise ConfigError(
@@ -95,6 +129,10 @@ def _wrap_prepare_cache(model: nn.Module, cfg: KVCacheConfig) -> None:
                 f"cache_implementation={generation_config.cache_implementation!r} (or longkit.remove_patches(model))"
             )
         if user_cache is None and generation_config.use_cache is not False:
+            if lm is not None:
+                model_kwargs[key] = BoundedQuantizedKVCache(self.config, cfg, lm.n_global, lm.n_local,
+                                                            model_kwargs.get("attention_mask"))
+                return None
             max_len = args[2] if len(args) > 2 else kwargs.get("max_cache_length")
             model_kwargs[key] = QuantizedKVCache(self.config, cfg,
                                                  max_cache_len=max_len if isinstance(max_len, int) else None)
@@ -108,10 +146,14 @@ def install(model: nn.Module, cfg: KVCacheConfig) -> dict[str, Any]:
     """Switch this model instance to the quantized KV cache. Returns what :func:`uninstall` needs to undo it."""
     if not isinstance(cfg, KVCacheConfig):
         raise ConfigError(f"kv_cache: install needs a KVCacheConfig, got {type(cfg).__name__}")
-    attns = _check_model(model, cfg)
-    undo = switch_attention(model, ATTN_KEY, kv_cache_attention, kv_cache_mask, attns, STATE_ATTR, lambda m: cfg)
+    attns, lm = _check_model(model, cfg)
+    if lm is None:
+        undo = switch_attention(model, ATTN_KEY, kv_cache_attention, kv_cache_mask, attns, STATE_ATTR, lambda m: cfg)
+    else:  # stacked on LM-Infinite: its padding-mask builder, its state stays on the modules
+        undo = switch_attention(model, BOUNDED_ATTN_KEY, bounded_attention, lm_infinite_mask, attns, STATE_ATTR,
+                                lambda m: cfg)
     undo["prepare_cache"] = vars(model).get("_prepare_cache_for_generation")  # an instance override, if any
-    _wrap_prepare_cache(model, cfg)
+    _wrap_prepare_cache(model, cfg, lm)
     undo["touched"] = len(attns)
     return undo
 

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ...config import LMInfiniteConfig
-from ...errors import UnsupportedModelError
+from ...errors import ConfigError, UnsupportedModelError
 from ..attention import (
     STATIC_ROPE_TYPES,
     attention_modules,
@@ -121,6 +121,14 @@ def install(model: nn.Module, cfg: LMInfiniteConfig) -> dict[str, Any]:
     """Switch this model instance to LM-Infinite. Returns what :func:`uninstall` needs to undo it."""
     cfg = cfg.resolved(model.config.max_position_embeddings)
     rotary, attns = _check_model(model, cfg)
+    current = model.config._attn_implementation
+    if isinstance(current, str) and current.startswith("longkit_") and current != ATTN_KEY:
+        # Switching now would silently drop that technique's attention (kv_cache and memory stack on LM-Infinite).
+        raise ConfigError(
+            f"lm_infinite must be applied before the technique that set attention {current!r}: "
+            "longkit.remove_patches(model), then e.g. apply_patches(model, lm_infinite=..., kv_cache=...) with "
+            "lm_infinite listed first"
+        )
     undo = switch_attention(model, ATTN_KEY, lm_infinite_attention, lm_infinite_mask, attns, STATE_ATTR,
                             lambda m: LayerState(cfg, rotary))
     if cfg.bounded_cache:
