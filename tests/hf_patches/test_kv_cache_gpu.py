@@ -93,3 +93,33 @@ def test_cuda_identity_generate_equals_stock():
             top2 = ref.logits[t][differ].float().topk(2, -1).values
             assert (top2[:, 0] - top2[:, 1]).max() < 2e-2, t
             break
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_cuda_lm_infinite_ring_matches_the_cpu_reference(cfg):
+    # kv_cache on top of LM-Infinite: the ring written by the Triton quantize kernel one slot per step and read by
+    # the decode kernel, against the PyTorch reference, teacher-forced far past the window (left-padded batch).
+    from longkit import LMInfiniteConfig
+    from longkit.hf_patches.kv_cache import BoundedQuantizedKVCache
+
+    lm = LMInfiniteConfig(n_global=3, n_local=16)
+    cpu = tiny_model("llama", hidden_size=256)
+    gpu = copy.deepcopy(cpu).cuda()
+    ids, mask = left_padded(cpu.config.vocab_size, [30, 21])
+    for model in (cpu, gpu):
+        longkit.apply_patches(model, lm_infinite=lm, kv_cache=cfg)
+    full = torch.cat([ids, torch.randint(1, cpu.config.vocab_size, (2, 24))], 1)
+    m = torch.cat([mask, torch.ones(2, 24, dtype=mask.dtype)], 1)
+    pos = (m.cumsum(-1) - 1).clamp(min=0)
+    logits = {}
+    for name, model, dev in (("cpu", cpu, "cpu"), ("cuda", gpu, "cuda")):
+        cache = BoundedQuantizedKVCache(model.config, cfg, lm.n_global, lm.n_local, mask.to(dev))
+        with torch.no_grad():
+            steps = [model(full[:, :30].to(dev), attention_mask=m[:, :30].to(dev), position_ids=pos[:, :30].to(dev),
+                           past_key_values=cache).logits[:, -1]]
+            for t in range(30, 54):
+                steps.append(model(full[:, t:t + 1].to(dev), attention_mask=m[:, :t + 1].to(dev),
+                                   position_ids=pos[:, t:t + 1].to(dev), past_key_values=cache).logits[:, -1])
+        logits[name] = torch.stack(steps).cpu()
+    assert cache.packed_tokens() == 16 - 4 - 1
+    assert _rel(logits["cuda"], logits["cpu"]) < 2e-3
