@@ -10,6 +10,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Triton reads TRITON_INTERPRET when triton.language is first imported (its own @jit helpers such as tl.zeros are
+# interpreted or not from then on), and a test module may import it indirectly (transformers.masking_utils ->
+# torch._dynamo -> triton) before tests/kernels/conftest.py is collected: set it here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
