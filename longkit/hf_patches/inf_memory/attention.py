@@ -53,6 +53,7 @@ from ...kernels.block_memory import (
 )
 from ...kernels.block_memory.cpu import fused_cpu_memory_attention
 from ...kernels.rope import naive_rope_rotate, rope_angles, rotate_with
+from ..lm_infinite.attention import _kernel_available
 from ..lm_infinite.static_cache import chunk_key_positions
 from .cache import MemoryCache, MemoryLayer, _to_device, memory_layer_of
 
@@ -326,13 +327,3 @@ def memory_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     else:
         out = _prefill(layer, query, key, value, st, scale, kwargs.get("position_ids"))
     return out.transpose(1, 2).contiguous(), None
-
-
-def _kernel_available() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        from ...kernels import masked_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -49,7 +49,7 @@ from ..attention import text_config
 from ..lm_infinite.attention import STATE_ATTR as LMI_STATE
 from ..lm_infinite.attention import lm_infinite_attention
 from .attention import STATE_ATTR, dense_attention_lse
-from .cache import as_config, check_spec_fits, model_head_dim
+from .cache import as_config, check_spec_fits, model_head_dim, summed_memory
 
 __all__ = ["BoundedQuantizedKVCache", "BoundedQuantizedLayer", "bounded_attention", "check_bounded_options",
            "BOUNDED_ATTN_KEY"]
@@ -302,11 +302,7 @@ class BoundedQuantizedKVCache(Cache):
 
     def memory(self) -> dict[str, float]:
         """Bytes summed over the layers (see :meth:`BoundedQuantizedLayer.memory`)."""
-        total = {"packed_used": 0.0, "packed_allocated": 0.0, "window": 0.0}
-        for layer in self.layers:
-            for k, v in layer.memory().items():
-                total[k] += v
-        return total
+        return summed_memory(self.layers)
 
     def packed_tokens(self) -> int:
         """Ring slots in use in the fullest row (at most ``n_local - residual_length - 1``)."""

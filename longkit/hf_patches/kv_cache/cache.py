@@ -78,6 +78,15 @@ def check_spec_fits(spec: KVQuantSpec, head_dim: int) -> None:
         raise ConfigError(f"kv_cache: this model's head dim is {head_dim}: {e}") from None
 
 
+def summed_memory(layers: list[Any]) -> dict[str, float]:
+    """The layers' ``memory()`` dicts (``packed_used``, ``packed_allocated``, ``window``) summed."""
+    total = {"packed_used": 0.0, "packed_allocated": 0.0, "window": 0.0}
+    for layer in layers:
+        for k, v in layer.memory().items():
+            total[k] += v
+    return total
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One layer of :class:`QuantizedKVCache`: a packed part and a full-precision window (see the module docstring).
 
@@ -350,11 +359,7 @@ class QuantizedKVCache(Cache):
     def memory(self) -> dict[str, float]:
         """Bytes summed over the layers: ``packed_used``, ``packed_allocated``, ``window`` (see
         :meth:`QuantizedKVLayer.memory`)."""
-        total = {"packed_used": 0.0, "packed_allocated": 0.0, "window": 0.0}
-        for layer in self.layers:
-            for k, v in layer.memory().items():
-                total[k] += v
-        return total
+        return summed_memory(self.layers)
 
     def packed_tokens(self) -> int:
         """Columns quantized so far (per layer; padding columns included)."""
