@@ -1,7 +1,7 @@
 """Decode speed and memory at long context: vanilla HF vs LM-Infinite, eager and CUDA-graph, same model, same run.
 
 Random-weight Llama with realistic layer shapes (default: Llama-3-8B), bf16. For each (batch, context) the same
-random prompt is decoded greedily with ``model.generate`` by up to five methods:
+random prompt is decoded greedily with ``model.generate`` by up to seven methods:
 
 * ``vanilla_eager``: HF's default (DynamicCache), eager;
 * ``vanilla_graph``: HF's ``cache_implementation="static"`` (StaticCache, fixed-shape 4-D mask built by
@@ -9,7 +9,13 @@ random prompt is decoded greedily with ``model.generate`` by up to five methods:
   :class:`longkit.hf_patches.decode_graph.DecodeGraphRunner` (the same runner LM-Infinite uses);
 * ``lminf_eager``: ``apply_patches(model, lm_infinite=LMInfiniteConfig(...))`` (bounded ring cache, eager);
 * ``lminf_static``: ``LMInfiniteConfig(decode="static")`` (static ring cache, eager; a CPU-runnable check);
-* ``lminf_graph``: ``LMInfiniteConfig(decode="cuda_graph")``.
+* ``lminf_graph``: ``LMInfiniteConfig(decode="cuda_graph")``;
+* ``lminf_memory_eager``: ``lminf_eager`` + ``memory=MemoryConfig()`` (memory blocks at their defaults; their
+  blocks are not counted in ``cache_gib``, the peak includes them);
+* ``lminf_kv4_eager``: ``lminf_eager`` + ``kv_cache=KVCacheConfig()`` (4-bit rotated packed ring).
+
+The last two run only when named in ``--methods``; the headline ratio compares plain LM-Infinite with vanilla, and
+``<method>_vs_lminf_eager`` gives their decode speed against LM-Infinite alone.
 
 Timing: a streamer timestamps every token ``generate()`` emits (HF reads each token on the host anyway), so
 one ``generate`` call gives the prefill time (first token) and the steady per-step decode time (tokens after
@@ -49,11 +55,13 @@ SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
-METHODS = ("vanilla_eager", "vanilla_graph", "lminf_eager", "lminf_static", "lminf_graph")
+METHODS = ("vanilla_eager", "vanilla_graph", "lminf_eager", "lminf_static", "lminf_graph", "lminf_memory_eager",
+           "lminf_kv4_eager")
+LMINF = ("lminf_eager", "lminf_static", "lminf_graph")  # plain LM-Infinite: the headline's candidates
 VANILLA = ("vanilla_eager", "vanilla_graph")
 
 
@@ -128,7 +136,7 @@ def run_method(model, method: str, prompt: torch.Tensor, args: argparse.Namespac
                prefill_chunk: int | None = None) -> dict:
     """One ``generate`` call of ``method``: prefill time, steady decode tok/s, memory, and (graphs) GPU step time."""
     import longkit
-    from longkit import LMInfiniteConfig
+    from longkit import KVCacheConfig, LMInfiniteConfig, MemoryConfig
     from longkit.hf_patches.decode_graph import graphed_decode
 
     device, b = args.device, prompt.shape[0]
@@ -153,8 +161,13 @@ def run_method(model, method: str, prompt: torch.Tensor, args: argparse.Namespac
                 layer.cumulative_length.fill_(prompt.shape[1])
             gpu_ms = _replay_ms(runner, device, min(args.replay_steps, n_new - 1))
     else:
-        decode = {"lminf_eager": "eager", "lminf_static": "static", "lminf_graph": "cuda_graph"}[method]
-        with longkit.patched(model, lm_infinite=LMInfiniteConfig(**lm_kw, decode=decode)):
+        decode = {"lminf_graph": "cuda_graph", "lminf_static": "static"}.get(method, "eager")
+        extra: dict[str, Any] = {}
+        if method == "lminf_memory_eager":  # InfLLM-style memory blocks at their defaults
+            extra["memory"] = MemoryConfig()
+        elif method == "lminf_kv4_eager":  # LM-Infinite's window in a 4-bit rotated packed ring
+            extra["kv_cache"] = KVCacheConfig(key_bits=4, value_bits=4)
+        with longkit.patched(model, lm_infinite=LMInfiniteConfig(**lm_kw, decode=decode), **extra):
             out = model.generate(prompt, streamer=clock, **gen)
             runner = getattr(model, "_longkit_graph_runner", None)
             if runner is not None:
@@ -252,6 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             _save(args, rows, methods)  # after every row: a run cut short keeps what it measured
     cols = (["batch", "context"] + [f"{m}_tok_s" for m in methods]
             + ["fastest_vanilla", "fastest_lminf", "speedup_vs_fastest_vanilla", "lminf_graph_vs_vanilla_graph"]
+            + [f"{m}_vs_lminf_eager" for m in ("lminf_memory_eager", "lminf_kv4_eager") if m in methods]
             + [f"{m}_peak_gib" for m in methods])
     print_table(rows, cols, title=f"LM-Infinite decode ({args.shape}, {args.new_tokens} timed steps, decode tok/s)")
     print_table(rows, ["batch", "context"] + [f"{m}_gpu_step_ms" for m in methods if m.endswith("graph")]
@@ -285,7 +299,7 @@ def _where(e: BaseException) -> str:
 def _ratios(row: dict, methods: list[str]) -> None:
     """Headline: the fastest LM-Infinite method vs the fastest vanilla method measured in this row."""
     vanilla = {m: row[f"{m}_tok_s"] for m in VANILLA if row.get(f"{m}_tok_s")}
-    lminf = {m: row[f"{m}_tok_s"] for m in methods if m.startswith("lminf") and row.get(f"{m}_tok_s")}
+    lminf = {m: row[f"{m}_tok_s"] for m in methods if m in LMINF and row.get(f"{m}_tok_s")}
     if vanilla and lminf:
         bv, bl = max(vanilla, key=vanilla.get), max(lminf, key=lminf.get)
         row["fastest_vanilla"], row["fastest_lminf"] = bv, bl
@@ -296,6 +310,9 @@ def _ratios(row: dict, methods: list[str]) -> None:
         row["lminf_graph_vs_vanilla_graph"] = row["lminf_graph_tok_s"] / row["vanilla_graph_tok_s"]
     if row.get("lminf_eager_tok_s") and row.get("lminf_graph_tok_s"):
         row["lminf_graph_vs_lminf_eager"] = row["lminf_graph_tok_s"] / row["lminf_eager_tok_s"]
+    for m in ("lminf_memory_eager", "lminf_kv4_eager"):  # the stacked techniques against LM-Infinite alone, eager
+        if row.get(f"{m}_tok_s") and row.get("lminf_eager_tok_s"):
+            row[f"{m}_vs_lminf_eager"] = row[f"{m}_tok_s"] / row["lminf_eager_tok_s"]
 
 
 def _save(args: argparse.Namespace, rows: list[dict], methods: list[str]) -> None:
