@@ -28,6 +28,7 @@ model (``--layers`` layers), from the exact bytes per token: the capacity gain w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -56,7 +57,14 @@ SPECS: dict[str, KVQuantSpec] = {
     "3bit": KVQuantSpec(key_bits=3, value_bits=3, group_size=32),
     "2bit": KVQuantSpec(key_bits=2, value_bits=2, group_size=32),
     "3bit_qjl": KVQuantSpec(key_bits=3, value_bits=3, group_size=32, qjl=True),
+    "3bit_cb": KVQuantSpec(key_bits=3, value_bits=3, group_size=128, codebook=True),  # group = the head dim
 }
+
+
+def spec_for(name: str, head_dim: int) -> KVQuantSpec:
+    """``SPECS[name]`` for heads of ``head_dim``: codebook specs use one group per head (one fp16 RMS per vector)."""
+    spec = SPECS[name]
+    return dataclasses.replace(spec, group_size=head_dim) if spec.codebook else spec
 
 
 def cpu_bench(fn: Callable[[], object], reps: int = 3) -> float:
@@ -105,7 +113,7 @@ def run_shape(B: int, T: int, D: int, Hq: int, Hkv: int, specs: list[str], devic
     lk = lambda: masked_attention(q, k, v, mask=mask, scale=scale)  # noqa: E731
     row("longkit_bf16", bench(lk), dense_bytes, _rel(lk(), exact))
     for name in specs:
-        spec = SPECS[name]
+        spec = spec_for(name, D)
         state = KVQuantState.create(spec, head_dim=D, num_kv_heads=Hkv, device=device)
         packed = PackedKV.allocate(spec, B, Hkv, T, D, device=device,
                                   raw_dtype=dtype if dtype != torch.float32 else torch.float16)
@@ -175,12 +183,12 @@ def main(argv: list[str] | None = None) -> Path:
     for D in args.hd:
         for T in args.seqlens:
             per_seq = {"bf16": 4 * D * args.kv_heads * T * args.layers}
-            per_seq |= {n: bytes_per_token(SPECS[n], D, args.kv_heads) * T * args.layers for n in args.specs}
+            per_seq |= {n: bytes_per_token(spec_for(n, D), D, args.kv_heads) * T * args.layers for n in args.specs}
             capacity.append({"T": T, "D": D, **{f"{n}_seqs": int(args.budget_gib * 2**30 // b)
                                                 for n, b in per_seq.items()}})
     print_table(capacity, title=f"sequences of T tokens in {args.budget_gib:g} GiB of KV ({args.layers} layers, "
                                 f"{args.kv_heads} kv heads; exact bytes per token)")
-    bpt = {n: bytes_per_token(SPECS[n], D, args.kv_heads) for n in args.specs for D in args.hd[:1]}
+    bpt = {n: bytes_per_token(spec_for(n, D), D, args.kv_heads) for n in args.specs for D in args.hd[:1]}
     return save_results(f"kv_decode_{tag}", rows, {"capacity": capacity, "copy_gbs": copy_gbs, "bytes_per_token": bpt,
                                             "specs": {n: repr(SPECS[n]) for n in args.specs},
                                             "args": {k: (str(v) if isinstance(v, Path) else v)

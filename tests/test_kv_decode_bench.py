@@ -24,7 +24,7 @@ def test_dry_run(tmp_path: Path) -> None:
         if r["impl"] in ("sdpa_bf16", "longkit_bf16"):
             assert r["rel_err"] < 1e-5 and r["mem_ratio"] == 1.0
         else:
-            spec = bench.SPECS[r["impl"].removeprefix("longkit_")]
+            spec = bench.spec_for(r["impl"].removeprefix("longkit_"), r["D"])
             assert r["kv_bytes"] == bytes_per_token(spec, r["D"], r["Hkv"]) * r["T"] * r["B"]
             assert r["mem_ratio"] > 3.0
             assert r["rel_err"] < {4: 0.25, 3: 0.6, 2: 0.9}[spec.key_bits], r  # random keys: a flat softmax

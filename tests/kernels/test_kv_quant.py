@@ -29,7 +29,16 @@ from longkit.kernels.kv_quant import (
     record_layout,
     unpack_codes,
 )
-from longkit.kernels.kv_quant.naive import prepare_query, qjl_scores, quantize_groups, rotate, unrotate
+from longkit.kernels.kv_quant.naive import (
+    dequantize_codebook,
+    prepare_query,
+    qjl_scores,
+    quantize_codebook,
+    quantize_groups,
+    rotate,
+    unrotate,
+)
+from longkit.kernels.kv_quant.spec import gaussian_codebook
 from longkit.kernels.kv_quant.state import hadamard_matrix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +92,9 @@ def make(spec: KVQuantSpec, T: int = 40, dtype: torch.dtype = torch.float32, hea
     ({"seed": -1}, "seed"),
     ({"key_bits": 16, "qjl": True}, "no residual"),
     ({"key_bits": 16, "key_axis": "channel"}, "key_axis='channel'"),
+    ({"codebook": 1}, "codebook must be a bool"),
+    ({"codebook": True, "key_axis": "channel"}, "KIVI"),
+    ({"codebook": True, "key_bits": 16, "value_bits": 16}, "quantize nothing"),
 ])
 def test_spec_rejects_bad_fields(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -118,8 +130,9 @@ def test_spec_presets() -> None:
 def expected_bytes(spec: KVQuantSpec, D: int, H: int) -> float:
     """Bytes per token written from the spec's description, independently of ``record_layout``."""
     Dk = spec.key_dim(D)
-    kb = Dk * 2 if spec.key_bits == 16 else Dk * spec.key_bits / 8 + 4 * Dk / spec.group_size
-    vb = D * 2 if spec.value_bits == 16 else D * spec.value_bits / 8 + 4 * D / spec.group_size
+    side = 2 if spec.codebook else 4  # fp16 scale (the codebook's RMS), plus an fp16 zero for min/max groups
+    kb = Dk * 2 if spec.key_bits == 16 else Dk * spec.key_bits / 8 + side * Dk / spec.group_size
+    vb = D * 2 if spec.value_bits == 16 else D * spec.value_bits / 8 + side * D / spec.group_size
     qb = spec.sketch_dim(D) / 8 + 2 if spec.qjl else 0
     return H * (kb + vb + qb)
 
@@ -137,6 +150,8 @@ SPECS = {
     "k16v3": KVQuantSpec(key_bits=16, value_bits=3),
     "identity": KVQuantSpec.identity(),
     "identity-keep50": KVQuantSpec(key_bits=16, value_bits=16, rotate=False, keep_channels=0.5),
+    "k3v3-cb64": KVQuantSpec(key_bits=3, value_bits=3, group_size=64, codebook=True),
+    "k2v16-cb-qjl": KVQuantSpec(key_bits=2, value_bits=16, codebook=True, qjl=True),
 }
 
 
@@ -161,6 +176,9 @@ def test_bytes_per_token_table_values() -> None:
     assert bytes_per_token(KVQuantSpec(key_bits=3, value_bits=3, qjl=True), 64, 3) == 222
     assert bytes_per_token(KVQuantSpec(key_bits=4, value_bits=4), 128, 8) == 1280
     assert bytes_per_token(KVQuantSpec.identity(), 128, 8) == 4 * 128 * 8  # a bf16 cache
+    # the codebook, one group per head of 128: 3·128/8 + 2 bytes per key and per value -> 5.12x less than bf16
+    cb3 = KVQuantSpec(key_bits=3, value_bits=3, group_size=128, codebook=True)
+    assert bytes_per_token(cb3, 128, 8) == 800 and 4 * 128 * 8 / 800 == 5.12
 
 
 def test_channel_pruning_stores_fewer_bytes() -> None:
@@ -243,6 +261,54 @@ def test_quantize_error_within_half_a_step(bits: int, axis: str) -> None:
     err = (x - xh).abs()
     assert bool((err <= group_bound(x, scale, 32, dim)).all()), f"max err / step {(err / s.clamp(min=1e-9)).max()}"
     assert err.max() > 0  # not trivially exact
+
+
+def test_gaussian_codebook_is_the_lloyd_max_quantizer() -> None:
+    """Centroids are symmetric, match Max's (1960) 3-bit table, and are fixed points of Lloyd's iteration: each is
+    the mean of the standard Gaussian over its cell (checked by numerical integration, not the closed form the
+    module uses); boundaries are the midpoints."""
+    x = torch.linspace(-12, 12, 2_400_001, dtype=torch.float64)
+    w = torch.exp(-x * x / 2)
+    for bits in (2, 3, 4):
+        cents, bounds = gaussian_codebook(bits)
+        c, bd = torch.tensor(cents, dtype=torch.float64), torch.tensor(bounds, dtype=torch.float64)
+        assert len(cents) == 2 ** bits and torch.allclose(c, -c.flip(0), atol=1e-6)
+        assert torch.allclose(bd, (c[1:] + c[:-1]) / 2, atol=1e-6)
+        cell = (x.unsqueeze(-1) > bd).sum(-1)
+        for i in range(2 ** bits):
+            m = cell == i
+            assert abs(float((x[m] * w[m]).sum() / w[m].sum()) - cents[i]) < 1e-5, (bits, i)
+    assert [round(v, 3) for v in gaussian_codebook(3)[0][4:]] == [0.245, 0.756, 1.344, 2.152]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codebook_codes_are_nearest_centroids(bits: int) -> None:
+    x = torch.randn(3, 2, 50, 64) * torch.rand(3, 2, 50, 1) * 5
+    x[0, 0, 0] = 0.0  # an all-zero group: scale 0, codes 0, exact
+    codes, scale = quantize_codebook(x, bits, 32)
+    cents = torch.tensor(gaussian_codebook(bits)[0])
+    y = x / scale.float().repeat_interleave(32, -1)
+    dist = (y.unsqueeze(-1) - cents).abs()
+    chosen = dist.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    ok = torch.isfinite(y)
+    assert bool((chosen[ok] <= dist.min(-1).values[ok] + 1e-6).all())
+    rms = x.unflatten(-1, (2, 32)).square().mean(-1).sqrt()
+    assert torch.allclose(scale.float(), rms, rtol=2 ** -10, atol=0)
+    xh = dequantize_codebook(codes, scale, bits, 32)
+    assert torch.equal(xh[0, 0, 0], torch.zeros(64)) and int(codes.max()) <= 2 ** bits - 1
+
+
+def test_codebook_error_is_the_gaussian_distortion() -> None:
+    """Rotated Gaussian keys, one group per head: relative squared error near Lloyd-Max's distortion of the unit
+    Gaussian (0.1175, 0.03454, 0.009497 at 2, 3, 4 bits; within 10%), and half the side bytes of min/max."""
+    for bits, want in ((2, 0.1175), (3, 0.03454), (4, 0.009497)):
+        spec = KVQuantSpec(key_bits=bits, value_bits=bits, group_size=64, codebook=True)
+        state, packed, k, v = make(spec, T=256)
+        kh, vh = dequantize_kv(packed, spec, state)
+        for x, xh in ((k, kh), (v, vh)):
+            err = ((xh - x).pow(2).sum() / x.pow(2).sum()).item()
+            assert abs(err - want) < 0.1 * want, (bits, err, want)
+        assert packed.k_zero is None and packed.v_zero is None
 
 
 def test_quantize_error_shrinks_with_bits() -> None:
@@ -412,7 +478,7 @@ def test_prefill_merges_fresh_tokens_and_packed_past(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- appending
-@pytest.mark.parametrize("name", ["k3v3-qjl", "k4v2-keep50-qjl", "identity"])
+@pytest.mark.parametrize("name", ["k3v3-qjl", "k4v2-keep50-qjl", "identity", "k3v3-cb64"])
 def test_append_in_pieces_equals_one_write(name: str) -> None:
     spec = SPECS[name]
     state, whole, k, v = make(spec, T=40)

@@ -78,7 +78,8 @@ def test_unbuilt_options_raise_not_implemented(section, message):
 # ----------------------------------------------------------------------------------------------------- bytes
 @pytest.mark.parametrize("spec", [KVQuantSpec.identity(), KVQuantSpec(), KVQuantSpec(key_bits=3, value_bits=3),
                                   KVQuantSpec(key_bits=2, value_bits=2, group_size=64),
-                                  KVQuantSpec(key_bits=3, value_bits=4, qjl=True)], ids=str)
+                                  KVQuantSpec(key_bits=3, value_bits=4, qjl=True),
+                                  KVQuantSpec(key_bits=3, value_bits=3, group_size=64, codebook=True)], ids=str)
 @pytest.mark.parametrize("dtype_size", [2, 4])
 def test_page_layout_is_bytes_per_token_plus_padding(spec, dtype_size):
     lay = page_layout(spec, 64, 3, dtype_size)
@@ -150,8 +151,11 @@ def test_block_plan_reads_each_block_once_and_remaps_the_table():
 @pytest.mark.parametrize(("kb", "vb", "g"), [(16, 16, 32), (4, 4, 32), (3, 3, 32), (2, 2, 64), (3, 4, 16), (4, 2, 16),
                                              (2, 3, 32)])
 @pytest.mark.parametrize("rotate", [False, True])
-def test_fast_dequantize_equals_the_reference(kb, vb, g, rotate):
-    spec = KVQuantSpec(key_bits=kb, value_bits=vb, group_size=g, rotate=rotate)
+@pytest.mark.parametrize("codebook", [False, True])
+def test_fast_dequantize_equals_the_reference(kb, vb, g, rotate, codebook):
+    if codebook and kb == vb == 16:
+        pytest.skip("the codebook needs a quantized field")
+    spec = KVQuantSpec(key_bits=kb, value_bits=vb, group_size=g, rotate=rotate, codebook=codebook)
     state = KVQuantState.create(spec, 64, 3, layer_idx=2)
     k, v = torch.randn(2, 3, 37, 64).bfloat16() * 4, torch.randn(2, 3, 37, 64).bfloat16()
     packed = quantize_kv(k, v, spec, state)
@@ -200,6 +204,7 @@ SPECS = {
     "3bit-norotate": dict(key_bits=3, value_bits=3, rotate=False),
     "2bit-g64": dict(key_bits=2, value_bits=2, group_size=64),
     "3bit-qjl": dict(key_bits=3, value_bits=3, qjl=True),
+    "3bit-codebook": dict(key_bits=3, value_bits=3, group_size=64, codebook=True),
 }
 
 

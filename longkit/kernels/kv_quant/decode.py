@@ -3,7 +3,8 @@
 ``_decode_split_kernel``: one program per (block of ``BLOCK_M`` query rows, batch row × KV head, context split).
 Its rows are the ``G·Tq`` (query head of this KV head, query token) pairs, so the ``G`` query heads of a KV head
 share every key and value tile it reads (GQA without repeating K/V). Per ``BLOCK_N`` tokens it loads the packed
-key bytes, unpacks and dequantizes them in registers (``code·scale + zero`` in fp32, then the query's dtype),
+key bytes, unpacks and dequantizes them in registers (``code·scale + zero`` in fp32, or ``centroid[code]·scale``
+with the Gaussian codebook, then the query's dtype),
 computes ``q·k`` with ``tl.dot`` (fp32 accumulation), adds the QJL estimate ``coef·||r||·<S q, ±1>``, masks
 (``lengths``, causal), and runs the fp32 online softmax (``exp2``, ``log2(e)`` folded into the scale) against the
 dequantized value tile. It writes its split's unnormalised-then-normalised output and log2-sum-exp in fp32.
@@ -22,10 +23,10 @@ __all__ = ["_decode_split_kernel", "_combine_kernel"]
 
 
 @triton.jit
-def _load_dequant(CODES, scb, sch, sct, SCALE, ZERO, ssb, ssh, sst, b, h, n, n_ok,
+def _load_dequant(CODES, scb, sch, sct, SCALE, ZERO, LUT, ssb, ssh, sst, b, h, n, n_ok,
                   BITS: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr,
-                  NPLANES: tl.constexpr, GROUP: tl.constexpr, CHANNEL_AXIS: tl.constexpr, RAW: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  NPLANES: tl.constexpr, GROUP: tl.constexpr, CHANNEL_AXIS: tl.constexpr, CODEBOOK: tl.constexpr,
+                  RAW: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dequantized fp32 tile ``[BLOCK_N, S·NS_PAD]`` (tile order) of tokens ``n``; zeros where masked."""
     W: tl.constexpr = S * NS_PAD
     chan, valid = _tile_channels(W, NS, NS_PAD)
@@ -41,8 +42,11 @@ def _load_dequant(CODES, scb, sch, sct, SCALE, ZERO, ssb, ssh, sst, b, h, n, n_o
         else:
             soff = b * ssb + h * ssh + n64[:, None] * sst + (chan // GROUP)[None, :]
         sc = tl.load(SCALE + soff, mask=mask, other=0.0).to(tl.float32)
-        ze = tl.load(ZERO + soff, mask=mask, other=0.0).to(tl.float32)
-        x = codes.to(tl.float32) * sc + ze
+        if CODEBOOK:  # centroid of the Gaussian codebook (a 4..16-entry table: stays in L1) times the group RMS
+            x = tl.load(LUT + codes) * sc
+        else:
+            ze = tl.load(ZERO + soff, mask=mask, other=0.0).to(tl.float32)
+            x = codes.to(tl.float32) * sc + ze
     return x
 
 
@@ -51,11 +55,11 @@ def _decode_split_kernel(
     Q, sqb, sqh, sqt,  # rotated queries [B, Hq, Tq, KW] (tile order), compute dtype
     QS, ssb_, ssh_, sst_,  # QJL query sketches [B, Hq, Tq, 8·MS_PAD] (tile order), compute dtype
     KC, skb, skh, skt,
-    KS, KZ, sksb, sksh, skst,
+    KS, KZ, KLUT, sksb, sksh, skst,
     KQ, skqb, skqh, skqt,
     RN, srb, srh, srt,
     VC, svb, svh, svt,
-    VS, VZ, svsb, svsh, svst,
+    VS, VZ, VLUT, svsb, svsh, svst,
     LENS,
     OP, sob, soh, sot, sos,  # partial outputs [B, Hq, Tq, SPLITS, D] fp32 (stored-channel order)
     LP, slb, slh, slt,  # partial log2-sum-exp [B, Hq, Tq, SPLITS] fp32
@@ -65,7 +69,7 @@ def _decode_split_kernel(
     K_GROUP: tl.constexpr, K_CHANNEL_AXIS: tl.constexpr, K_RAW: tl.constexpr,
     V_BITS: tl.constexpr, V_S: tl.constexpr, V_NS: tl.constexpr, V_NS_PAD: tl.constexpr, V_PLANES: tl.constexpr,
     V_GROUP: tl.constexpr, V_RAW: tl.constexpr,
-    QJL: tl.constexpr, M: tl.constexpr, MS_PAD: tl.constexpr,
+    QJL: tl.constexpr, M: tl.constexpr, MS_PAD: tl.constexpr, CODEBOOK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -103,8 +107,8 @@ def _decode_split_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        k = _load_dequant(KC, skb, skh, skt, KS, KZ, sksb, sksh, skst, b, h, n, n_ok, K_BITS, K_S, K_NS,
-                          K_NS_PAD, K_PLANES, K_GROUP, K_CHANNEL_AXIS, K_RAW, BLOCK_N)
+        k = _load_dequant(KC, skb, skh, skt, KS, KZ, KLUT, sksb, sksh, skst, b, h, n, n_ok, K_BITS, K_S, K_NS,
+                          K_NS_PAD, K_PLANES, K_GROUP, K_CHANNEL_AXIS, CODEBOOK, K_RAW, BLOCK_N)
         s = _mm(q, tl.trans(k), DT, PREC)
         if QJL:
             sg = _unpack_tile_signs(KQ, skqb, skqh, skqt, b, h, n, n_ok, M, MS_PAD, BLOCK_N)
@@ -121,8 +125,8 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_dequant(VC, svb, svh, svt, VS, VZ, svsb, svsh, svst, b, h, n, n_ok, V_BITS, V_S, V_NS,
-                          V_NS_PAD, V_PLANES, V_GROUP, False, V_RAW, BLOCK_N)
+        v = _load_dequant(VC, svb, svh, svt, VS, VZ, VLUT, svsb, svsh, svst, b, h, n, n_ok, V_BITS, V_S, V_NS,
+                          V_NS_PAD, V_PLANES, V_GROUP, False, CODEBOOK, V_RAW, BLOCK_N)
         acc = acc * alpha[:, None] + _mm(p, v, DT, PREC)
         m_i = m_new
 

@@ -21,7 +21,7 @@ from . import naive
 from .decode import _combine_kernel, _decode_split_kernel
 from .packed import PackedKV
 from .quant import _quantize_kernel
-from .spec import KVQuantSpec
+from .spec import KVQuantSpec, gaussian_codebook
 from .state import KVQuantState
 
 __all__ = ["tile_params", "tile_order", "launch_quantize", "launch_decode", "plan_splits"]
@@ -77,6 +77,22 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def codebook_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(centroids [2**bits], boundaries [2**bits - 1])`` fp32 on ``device`` (built once per bits and device)."""
+    cents, bounds = gaussian_codebook(bits)
+    return (torch.tensor(cents, dtype=torch.float32, device=device),
+            torch.tensor(bounds, dtype=torch.float32, device=device))
+
+
+def _tables(spec: KVQuantSpec, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codebook tables of ``bits`` when the spec uses them, else 1-element placeholders."""
+    if spec.codebook and bits != 16:
+        return codebook_tables(bits, device)
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    return dummy, dummy
+
+
 def _unsupported(what: str) -> NotImplementedError:
     return NotImplementedError(f"quantize_kv (Triton): {what} is not supported by the kernel; use impl='naive' "
                                "(the PyTorch reference) for it")
@@ -113,7 +129,10 @@ def _encode(x: torch.Tensor, which: str, spec: KVQuantSpec, state: KVQuantState,
     sk = state.qjl_matrix.contiguous() if qjl else dummy_f
     m = state.qjl_matrix.shape[0] if qjl else 8
     if scale is None:
-        scale = zero = torch.zeros(1, 1, 1, 1, device=x.device, dtype=torch.float16)
+        scale = torch.zeros(1, 1, 1, 1, device=x.device, dtype=torch.float16)
+    if zero is None:  # 16 bits or the codebook: no minima
+        zero = scale
+    lut, bnd = _tables(spec, bits, x.device)
     qb = out.k_qjl if qjl else codes
     rn = out.k_rnorm if qjl else torch.zeros(1, 1, 1, device=x.device, dtype=torch.float16)
     if isinstance(start, torch.Tensor):
@@ -125,12 +144,12 @@ def _encode(x: torch.Tensor, which: str, spec: KVQuantSpec, state: KVQuantState,
         x, *x.stride(), ch, rot, starts, s0,
         codes, codes.stride(0), codes.stride(1), codes.stride(2),
         scale, zero, scale.stride(0), scale.stride(1), scale.stride(2),
-        sk, qb, qb.stride(0), qb.stride(1), qb.stride(2), rn, rn.stride(0), rn.stride(1), rn.stride(2),
+        sk, lut, bnd, qb, qb.stride(0), qb.stride(1), qb.stride(2), rn, rn.stride(0), rn.stride(1), rn.stride(2),
         H, T, out.num_tokens,
         N=n, BITS=bits if not raw else 16, S=tp["S"], NS=tp["NS"], NS_PAD=tp["NS_PAD"],
         NPLANES=tp["NPLANES"], GROUP=g, NG=n // g if not raw else 1, M=m,
         MS_PAD=max(16, triton.next_power_of_2(m // 8)),  # a tl.dot dimension
-        CHANNEL_AXIS=channel_axis, PRUNE=prune, ROTATE=rotate, QJL=qjl,
+        CHANNEL_AXIS=channel_axis, PRUNE=prune, ROTATE=rotate, QJL=qjl, CODEBOOK=spec.codebook and not raw,
         RAW=raw, START_TENSOR=st, RNE_BF16=raw and out.raw_dtype == torch.bfloat16 and envs.triton_interpreting(),
         BLOCK_T=block_t, num_warps=8 if n > 64 else 4,  # the [n, n] rotation tile: registers
     )
@@ -193,8 +212,12 @@ def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: K
     l_part = torch.empty(B, Hq, Tq, splits, device=dev, dtype=torch.float32)
     kp, vp = tile_params(state.key_dim, spec.key_bits), tile_params(D, spec.value_bits)
     f16z = torch.zeros(1, 1, 1, 1, device=dev, dtype=torch.float16)
-    ks, kz = (packed.k_scale, packed.k_zero) if packed.k_scale is not None else (f16z, f16z)
-    vs, vz = (packed.v_scale, packed.v_zero) if packed.v_scale is not None else (f16z, f16z)
+    ks = packed.k_scale if packed.k_scale is not None else f16z
+    vs = packed.v_scale if packed.v_scale is not None else f16z
+    kz = packed.k_zero if packed.k_zero is not None else ks  # 16 bits or the codebook: never read
+    vz = packed.v_zero if packed.v_zero is not None else vs
+    klut, _ = _tables(spec, spec.key_bits, dev)
+    vlut, _ = _tables(spec, spec.value_bits, dev)
     kq = packed.k_qjl if spec.qjl else packed.k_codes
     rn = packed.k_rnorm if spec.qjl else f16z[0]
     m = state.qjl_matrix.shape[0] if spec.qjl else 8
@@ -204,11 +227,11 @@ def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: K
         qt, qt.stride(0), qt.stride(1), qt.stride(2),
         qs, qs.stride(0), qs.stride(1), qs.stride(2),
         packed.k_codes, *packed.k_codes.stride()[:3],
-        ks, kz, *ks.stride()[:3],
+        ks, kz, klut, *ks.stride()[:3],
         kq, *kq.stride()[:3],
         rn, *rn.stride()[:3],
         packed.v_codes, *packed.v_codes.stride()[:3],
-        vs, vz, *vs.stride()[:3],
+        vs, vz, vlut, *vs.stride()[:3],
         lens,
         o_part, *o_part.stride()[:4],
         l_part, *l_part.stride()[:3],
@@ -218,7 +241,7 @@ def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: K
         K_GROUP=spec.group_size, K_CHANNEL_AXIS=spec.key_axis == "channel", K_RAW=spec.key_bits == 16,
         V_BITS=spec.value_bits, V_S=vp["S"], V_NS=vp["NS"], V_NS_PAD=vp["NS_PAD"], V_PLANES=vp["NPLANES"],
         V_GROUP=spec.group_size, V_RAW=spec.value_bits == 16,
-        QJL=spec.qjl, M=m, MS_PAD=triton.next_power_of_2(m // 8),
+        QJL=spec.qjl, M=m, MS_PAD=triton.next_power_of_2(m // 8), CODEBOOK=spec.codebook,
         CAUSAL=causal, HAS_LENS=lengths is not None, PREC=prec,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .packed import RAW_DTYPES, PackedKV
-from .spec import KVQuantSpec
+from .spec import KVQuantSpec, gaussian_codebook
 from .state import KVQuantState, select_key_channels  # noqa: F401 - re-exported: the reference's API
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "rotate",
     "unrotate",
     "quantize_groups",
+    "quantize_codebook",
+    "dequantize_codebook",
     "pack_codes",
     "unpack_codes",
     "prepare_query",
@@ -106,6 +108,41 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return codes.float() * s + z
 
 
+def quantize_codebook(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian-codebook quantization of fp32 ``x`` in groups of ``group`` consecutive elements of the last dim.
+
+    ``scale = fp16(sqrt(mean(x²)))`` per group, ``code = #{i : x / scale > boundaries[i]}`` (the nearest centroid
+    of :func:`~longkit.kernels.kv_quant.spec.gaussian_codebook`; 0 where ``scale == 0``).
+
+    Returns:
+        ``(codes, scale)``: int64 codes shaped like ``x``; fp16 scale with the last dim shrunk by ``group``.
+    """
+    n = x.shape[-1]
+    xg = x.float().unflatten(-1, (n // group, group))
+    scale = (xg.square().sum(-1) / group).sqrt().clamp(max=FP16_MAX).half()
+    s32 = scale.float().unsqueeze(-1)
+    y = torch.where(s32 > 0, xg / torch.where(s32 > 0, s32, 1.0), 0.0)
+    bounds = torch.tensor(gaussian_codebook(bits)[1], dtype=torch.float32, device=x.device)
+    codes = (y.unsqueeze(-1) > bounds).sum(-1)
+    return codes.flatten(-2), scale
+
+
+def dequantize_codebook(codes: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """``centroid[code]·scale`` in fp32 (scale repeated over its ``group`` elements of the last dim)."""
+    lut = torch.tensor(gaussian_codebook(bits)[0], dtype=torch.float32, device=codes.device)
+    return lut[codes] * scale.float().repeat_interleave(group, dim=-1)
+
+
+def _quantize(x: torch.Tensor, spec: KVQuantSpec, bits: int, dim: int = -1
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """``(codes, {"scale", "zero"?}, dequantized)`` of ``x`` with the spec's quantizer (``dim``: min/max only)."""
+    if spec.codebook:
+        codes, scale = quantize_codebook(x, bits, spec.group_size)
+        return codes, {"scale": scale}, dequantize_codebook(codes, scale, bits, spec.group_size)
+    codes, scale, zero = quantize_groups(x, bits, spec.group_size, dim=dim)
+    return codes, {"scale": scale, "zero": zero}, dequantize_groups(codes, scale, zero, spec.group_size, dim=dim)
+
+
 # ----------------------------------------------------------------------------- bit packing
 def _segments(bits: int) -> int:
     """Values per packed word: 8 for 1 and 3 bits (1- and 3-byte words), 8 / bits for 2 and 4 bits (1 byte)."""
@@ -178,10 +215,10 @@ def _encode_keys(k: torch.Tensor, spec: KVQuantSpec, state: KVQuantState, raw_dt
     if spec.key_bits == 16:
         return {"k_codes": x.to(raw_dtype)}
     dim = -1 if spec.key_axis == "token" else -2
-    codes, scale, zero = quantize_groups(x, spec.key_bits, spec.group_size, dim=dim)
-    out = {"k_codes": pack_codes(codes, spec.key_bits), "k_scale": scale, "k_zero": zero}
+    codes, side, deq = _quantize(x, spec, spec.key_bits, dim=dim)
+    out = {"k_codes": pack_codes(codes, spec.key_bits), **{f"k_{n}": t for n, t in side.items()}}
     if spec.qjl:
-        r = x - dequantize_groups(codes, scale, zero, spec.group_size, dim=dim)
+        r = x - deq
         out["k_rnorm"] = r.norm(dim=-1).clamp(max=FP16_MAX).half()
         out["k_qjl"] = pack_codes((r @ state.qjl_matrix.t() >= 0).to(torch.int64), 1)
     return out
@@ -194,8 +231,8 @@ def _encode_values(v: torch.Tensor, spec: KVQuantSpec, state: KVQuantState, raw_
         x = rotate(x, state.value_signs)
     if spec.value_bits == 16:
         return {"v_codes": x.to(raw_dtype)}
-    codes, scale, zero = quantize_groups(x, spec.value_bits, spec.group_size)
-    return {"v_codes": pack_codes(codes, spec.value_bits), "v_scale": scale, "v_zero": zero}
+    codes, side, _ = _quantize(x, spec, spec.value_bits)
+    return {"v_codes": pack_codes(codes, spec.value_bits), **{f"v_{n}": t for n, t in side.items()}}
 
 
 def default_raw_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,7 +271,9 @@ def _decode_stored(packed: PackedKV, spec: KVQuantSpec) -> tuple[torch.Tensor, t
         k = packed.k_codes.float()
     else:
         codes = unpack_codes(packed.k_codes, spec.key_bits, lay.key_dim)
-        if spec.key_axis == "token":
+        if spec.codebook:
+            k = dequantize_codebook(codes, packed.k_scale, spec.key_bits, g)
+        elif spec.key_axis == "token":
             k = dequantize_groups(codes, packed.k_scale, packed.k_zero, g)
         else:
             T = codes.shape[2]
@@ -242,6 +281,9 @@ def _decode_stored(packed: PackedKV, spec: KVQuantSpec) -> tuple[torch.Tensor, t
                 if T % g == 0 else _dequant_channel_ragged(codes, packed.k_scale, packed.k_zero, g)
     if spec.value_bits == 16:
         v = packed.v_codes.float()
+    elif spec.codebook:
+        v = dequantize_codebook(unpack_codes(packed.v_codes, spec.value_bits, lay.head_dim), packed.v_scale,
+                                spec.value_bits, g)
     else:
         v = dequantize_groups(unpack_codes(packed.v_codes, spec.value_bits, lay.head_dim), packed.v_scale,
                               packed.v_zero, g)

@@ -1,11 +1,13 @@
-"""Quantize-on-write kernel: (kept channels) -> rotation -> min/max groups -> packed codes (+ QJL sketch).
+"""Quantize-on-write kernel: (kept channels) -> rotation -> min/max groups or the Gaussian codebook -> packed codes
+(+ QJL sketch).
 
 One program per (block of ``BLOCK_T`` tokens, batch row × KV head) of one tensor (keys or values: the launcher
 runs it once for each); it writes its tokens' fields of the records in place. fp32 math throughout. The rotation
 is a dense ``[N, N]`` matrix product (``tl.dot`` in IEEE fp32) whose output columns come out in tile order
 (``_jit.py``); the group minima and maxima are masked reductions per group; the rounding is the reference's
 (``floor(div_rn(x - zero, scale) + 1/2)``, fp16 round-to-nearest of scale and zero), so without rotation the codes
-are bit-identical to ``naive.py``.
+are bit-identical to ``naive.py``. With the codebook the group RMS is a sum in another order than the reference's,
+so a scale can round to the neighbouring fp16 value now and then (and codes near a boundary move by one).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def _quantize_kernel(
     CODES, scb, sch, sct,  # packed codes (uint8 bytes) or raw 16-bit values
     SCALE, ZERO, ssb, ssh, sst,  # fp16: [B, H, T, NG] (token axis) or [B, H, rows, N] (channel axis), last stride 1
     SK,  # QJL matrix [M, N] fp32
+    LUT, BND,  # Gaussian codebook centroids [2**BITS] and boundaries [2**BITS - 1], fp32 (CODEBOOK)
     QBITS, sqb, sqh, sqt,  # QJL sign bytes
     RNORM, srb, srh, srt,  # QJL residual norms (fp16)
     H, T, T_CAP,
@@ -37,7 +40,8 @@ def _quantize_kernel(
     NS_PAD: tl.constexpr, NPLANES: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr,
     M: tl.constexpr, MS_PAD: tl.constexpr,
     CHANNEL_AXIS: tl.constexpr, PRUNE: tl.constexpr, ROTATE: tl.constexpr, QJL: tl.constexpr,
-    RAW: tl.constexpr, START_TENSOR: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
+    CODEBOOK: tl.constexpr, RAW: tl.constexpr, START_TENSOR: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -98,23 +102,37 @@ def _quantize_kernel(
             zrow = ZERO + b * ssb + h * ssh + pos * sst
             for g in tl.static_range(NG):
                 in_g = (gid == g)[None, :]
-                lo = tl.min(tl.where(in_g, y, float("inf")), axis=1)
-                hi = tl.max(tl.where(in_g, y, -float("inf")), axis=1)
-                lo16 = tl.minimum(tl.maximum(lo, -FP16_MAX), FP16_MAX).to(tl.float16)
-                sc = tl.minimum(tl.maximum(tl.div_rn(hi - lo16.to(tl.float32), LEVELS * 1.0), 0.0), FP16_MAX)
-                sc16 = sc.to(tl.float16)
-                tl.store(srow + g, sc16, mask=row_ok)
-                tl.store(zrow + g, lo16, mask=row_ok)
+                if CODEBOOK:  # scale = the group's RMS (as naive.quantize_codebook: sum, / GROUP, sqrt, fp16)
+                    ss = tl.sum(tl.where(in_g, y * y, 0.0), axis=1)
+                    sc16 = tl.minimum(tl.sqrt_rn(tl.div_rn(ss, GROUP * 1.0)), FP16_MAX).to(tl.float16)
+                    tl.store(srow + g, sc16, mask=row_ok)
+                else:
+                    lo = tl.min(tl.where(in_g, y, float("inf")), axis=1)
+                    hi = tl.max(tl.where(in_g, y, -float("inf")), axis=1)
+                    lo16 = tl.minimum(tl.maximum(lo, -FP16_MAX), FP16_MAX).to(tl.float16)
+                    sc = tl.minimum(tl.maximum(tl.div_rn(hi - lo16.to(tl.float32), LEVELS * 1.0), 0.0), FP16_MAX)
+                    sc16 = sc.to(tl.float16)
+                    tl.store(srow + g, sc16, mask=row_ok)
+                    tl.store(zrow + g, lo16, mask=row_ok)
+                    z_el = tl.where(in_g, lo16.to(tl.float32)[:, None], z_el)
                 s_el = tl.where(in_g, sc16.to(tl.float32)[:, None], s_el)
-                z_el = tl.where(in_g, lo16.to(tl.float32)[:, None], z_el)
         pos_s = s_el > 0
         yq = tl.where(pos_s, tl.div_rn(y - z_el, tl.where(pos_s, s_el, 1.0)), 0.0)
-        codes = tl.minimum(tl.maximum(tl.floor(yq + 0.5), 0.0), LEVELS * 1.0).to(tl.int32)
+        if CODEBOOK:  # the nearest centroid: how many boundaries lie below
+            codes = tl.zeros((BLOCK_T, W), dtype=tl.int32)
+            for i in tl.static_range(LEVELS):
+                codes += (yq > tl.load(BND + i)).to(tl.int32)
+        else:
+            codes = tl.minimum(tl.maximum(tl.floor(yq + 0.5), 0.0), LEVELS * 1.0).to(tl.int32)
         codes = tl.where(valid[None, :], codes, 0)
         _pack_store(CODES + b * scb + h * sch, pos * sct, row_ok, codes, BITS, S, NS, NS_PAD, NPLANES, BLOCK_T)
 
         if QJL:
-            r = tl.where(valid[None, :], y - (codes.to(tl.float32) * s_el + z_el), 0.0)
+            if CODEBOOK:
+                deq = tl.load(LUT + codes) * s_el
+            else:
+                deq = codes.to(tl.float32) * s_el + z_el
+            r = tl.where(valid[None, :], y - deq, 0.0)
             rn = tl.sqrt(tl.sum(r * r, axis=1))
             tl.store(RNORM + b * srb + h * srh + pos * srt, tl.minimum(rn, FP16_MAX).to(tl.float16), mask=row_ok)
             # sign bit s of byte p is projection p + s·M/8: one [N, M/8] slice of S^T per bit (few registers)

@@ -12,9 +12,12 @@ bits ``[b·s, b·s + b)``; 3-bit words are three byte planes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...kernels.kv_quant import KVQuantSpec, PackedKV, record_layout
+from ...kernels.kv_quant.spec import gaussian_codebook
 
 __all__ = ["dequantize_records", "dequantize_stored", "unpack_codes_u8"]
 
@@ -36,21 +39,30 @@ def unpack_codes_u8(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def _field(records: torch.Tensor, fields: dict[str, tuple[int, int]], name: str, bits: int, n: int, group: int,
-           raw_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+           raw_dtype: torch.dtype, dtype: torch.dtype, codebook: bool) -> torch.Tensor:
     off, size = fields[f"{name}_codes"]
     codes = records[..., off:off + size]
     if bits == 16:
         return codes.view(raw_dtype).to(dtype).contiguous()
     so, sn = fields[f"{name}_scale"]
-    zo, zn = fields[f"{name}_zero"]
     scale = records[..., so:so + sn].view(torch.float16)
-    zero = records[..., zo:zo + zn].view(torch.float16)
     c = unpack_codes_u8(codes, bits, n)
     lead = c.shape[:-1]
+    if codebook:  # fp32 centroid[code] * scale, the reference's arithmetic
+        x = _centroids(bits, records.device)[c.long()].view(*lead, n // group, group)
+        x.mul_(scale.float().unsqueeze(-1))
+        return x.view(*lead, n).to(dtype)
+    zo, zn = fields[f"{name}_zero"]
+    zero = records[..., zo:zo + zn].view(torch.float16)
     # fp32 code * scale + zero, exactly the reference's arithmetic (then one rounding to ``dtype``)
     x = c.view(*lead, n // group, group).float()
     x.mul_(scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1))
     return x.view(*lead, n).to(dtype)
+
+
+@functools.cache
+def _centroids(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(gaussian_codebook(bits)[0], dtype=torch.float32, device=device)
 
 
 def dequantize_records(records: torch.Tensor, spec: KVQuantSpec, head_dim: int, dtype: torch.dtype, *,
@@ -73,8 +85,8 @@ def dequantize_records(records: torch.Tensor, spec: KVQuantSpec, head_dim: int, 
         raise ValueError(f"dequantize_records: records must be uint8 [..., {lay.record_bytes}], got "
                          f"{records.dtype} {tuple(records.shape)}")
     g = spec.group_size
-    k = _field(records, lay.fields, "k", spec.key_bits, lay.key_dim, g, raw_dtype, dtype)
-    v = _field(records, lay.fields, "v", spec.value_bits, head_dim, g, raw_dtype, dtype)
+    k = _field(records, lay.fields, "k", spec.key_bits, lay.key_dim, g, raw_dtype, dtype, spec.codebook)
+    v = _field(records, lay.fields, "v", spec.value_bits, head_dim, g, raw_dtype, dtype, spec.codebook)
     return k, v
 
 
