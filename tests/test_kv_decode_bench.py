@@ -31,3 +31,5 @@ def test_dry_run(tmp_path: Path) -> None:
     first = [r for r in rows if "kernel_vs_ref" in r]
     assert first and all(r["kernel_vs_ref"] == 0.0 for r in first)  # CPU: the reference itself
     assert result["capacity"] and all(c["3bit_seqs"] >= 4 * c["bf16_seqs"] for c in result["capacity"])
+    # the codebook at D=64: 3 bits + one fp16 RMS per 64 values = 3.25 bits, 4.92x less than bf16
+    assert all(c["3bit_cb_seqs"] >= 4.9 * c["bf16_seqs"] for c in result["capacity"])
