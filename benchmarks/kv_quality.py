@@ -67,8 +67,9 @@ from benchmarks._harness import print_table, save_results  # noqa: E402
 BASELINE = "fp"
 
 
-def configs(group: int = 32) -> dict[str, dict[str, Any] | None]:
-    """Name -> :class:`longkit.KVCacheConfig` options (without ``residual_length``); ``None`` = the baseline."""
+def configs(group: int = 32, head_dim: int = 64) -> dict[str, dict[str, Any] | None]:
+    """Name -> :class:`longkit.KVCacheConfig` options (without ``residual_length``); ``None`` = the baseline.
+    ``cb<bits>``: the Gaussian codebook with one group (one fp16 RMS) per head of ``head_dim`` channels."""
     out: dict[str, dict[str, Any] | None] = {BASELINE: None,
                                               "k16v16": dict(key_bits=16, value_bits=16, rotate=False)}
     for b in (4, 3, 2):
@@ -76,6 +77,7 @@ def configs(group: int = 32) -> dict[str, dict[str, Any] | None]:
         out[f"rot{b}+qjl"] = dict(key_bits=b, value_bits=b, group_size=group, rotate=True, qjl=True)
         out[f"norot{b}"] = dict(key_bits=b, value_bits=b, group_size=group, rotate=False)
         out[f"kivi{b}"] = dict(key_bits=b, value_bits=b, group_size=group, key_axis="channel", rotate=False)
+        out[f"cb{b}"] = dict(key_bits=b, value_bits=b, group_size=head_dim, rotate=True, codebook=True)
     out["rot4_keep0.5"] = dict(key_bits=4, value_bits=4, group_size=group, rotate=True, keep_channels=0.5)
     out["norot4_keep0.75"] = dict(key_bits=4, value_bits=4, group_size=16, rotate=False, keep_channels=0.75)
     return out
@@ -229,7 +231,7 @@ def goals(rows: list[dict[str, Any]], ctx: list[int]) -> list[str]:
     by = {r["config"]: r for r in rows}
     lines = []
     for bits, limit in ((4, 0.5), (3, 2.0)):
-        for name in (f"rot{bits}", f"rot{bits}+qjl"):
+        for name in (f"rot{bits}", f"rot{bits}+qjl", f"cb{bits}"):
             if name in by:
                 worst = max(by[name][f"dppl@{L}"] for L in ctx)
                 lines.append(f"{name}: worst ppl increase {worst:+.3f}% (goal <= {limit}%): "
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--dry-run", action="store_true", help="tiny random Llama, byte tokenizer, small shapes: checks "
                                                            "the script in under a minute")
     ap.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (default benchmarks/results)")
+    ap.add_argument("--name", default=None, help="results file name (default kv_quality_<device>)")
     args = ap.parse_args(argv)
 
     dry = args.dry_run
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
     need = max(max(args.ctx) + args.chunk + 1, args.gen_prompt)
     docs, desc = documents(tok, args.docs, need)
     tag = "cpu_dry_run" if dry else ("cpu" if device.type == "cpu" else gpu_tag(torch.cuda.get_device_name(0)))
+    out_name = args.name or f"kv_quality_{tag}"
     print(f"{len(docs)} documents of {need} tokens; ctx {args.ctx}, chunk {args.chunk}, residual {args.residual}, "
           f"greedy {args.gen_tokens} tokens after {args.gen_prompt}; {args.dtype} on {device}", flush=True)
     chosen = [n for n in names if n == BASELINE or n in args.configs]
@@ -285,7 +289,9 @@ def main(argv: list[str] | None = None) -> Path:
              "documents": desc}
     rows: list[dict[str, Any]] = []
     ref_tokens: list[torch.Tensor] | None = None
-    all_opts = configs()
+    from longkit.hf_patches.kv_cache.cache import model_head_dim
+
+    all_opts = configs(head_dim=model_head_dim(model.config))
     for name in chosen:
         row, gens = run_config(name, all_opts[name], model, docs, args, ref_tokens)
         if name == BASELINE:
@@ -293,14 +299,14 @@ def main(argv: list[str] | None = None) -> Path:
         for L in args.ctx:
             row[f"dppl@{L}"] = 100.0 * (row[f"ppl@{L}"] / rows[0][f"ppl@{L}"] - 1) if rows else 0.0
         rows.append(row)
-        save_results(f"kv_quality_{tag}", rows, extra, args.out_dir)  # a cut-short run keeps its rows
+        save_results(out_name, rows, extra, args.out_dir)  # a cut-short run keeps its rows
     cols = ["config", "B/tok/layer", "x_bf16", *(f"ppl@{L}" for L in args.ctx), *(f"dppl@{L}" for L in args.ctx)]
     print_table(rows, cols + (["agree", "first_diff"] if args.gen_tokens else []),
                 title=f"quantized KV cache quality ({tag}; residual {args.residual}, chunk {args.chunk})")
     lines = goals(rows, args.ctx)
     print("\n".join(["", "goals:"] + lines))
     extra["goals"] = lines
-    return save_results(f"kv_quality_{tag}", rows, extra, args.out_dir)
+    return save_results(out_name, rows, extra, args.out_dir)
 
 
 if __name__ == "__main__":

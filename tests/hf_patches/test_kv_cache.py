@@ -196,7 +196,10 @@ def test_window_stays_exact_through_decode_steps():
 
 @pytest.mark.parametrize("cfg", [KVCacheConfig(residual_length=4), KVCacheConfig(rotate=False, residual_length=4),
                                  KVCacheConfig(key_bits=2, value_bits=3, residual_length=4),
-                                 KVCacheConfig.kivi(4, 32, residual_length=4)], ids=["rot4", "norot4", "k2v3", "kivi4"])
+                                 KVCacheConfig.kivi(4, 32, residual_length=4),
+                                 KVCacheConfig(key_bits=3, value_bits=3, group_size=64, codebook=True,
+                                               residual_length=4)],
+                         ids=["rot4", "norot4", "k2v3", "kivi4", "codebook3"])
 def test_decode_attention_equals_dense_attention_over_the_dequantized_cache(cfg, monkeypatch):
     # Oracle for the split attention: per row, softmax over [dequantized packed tokens | real window tokens].
     from longkit.hf_patches.kv_cache import attention as attn
@@ -233,7 +236,9 @@ def test_decode_attention_equals_dense_attention_over_the_dequantized_cache(cfg,
 
 @pytest.mark.parametrize("cfg", [_q4(residual_length=3), _q4(residual_length=3, qjl=True, qjl_dim=32),
                                  KVCacheConfig(key_bits=2, value_bits=3, group_size=8, residual_length=3),
-                                 KVCacheConfig.kivi(2, G, residual_length=3)], ids=["q4", "qjl", "k2v3g8", "kivi2"])
+                                 KVCacheConfig.kivi(2, G, residual_length=3),
+                                 KVCacheConfig(key_bits=3, value_bits=3, group_size=16, codebook=True,
+                                               residual_length=3)], ids=["q4", "qjl", "k2v3g8", "kivi2", "codebook3"])
 def test_cache_bytes_are_bytes_per_token(cfg):
     model = tiny_model("llama")
     ids = torch.randint(1, model.config.vocab_size, (3, 10))
@@ -244,7 +249,8 @@ def test_cache_bytes_are_bytes_per_token(cfg):
     assert cache.bytes_per_token() == per
     # The same count written out from the format (spec.py): codes, fp16 scale + zero per group, QJL norm + bits.
     D, H, g, m = 16, model.config.num_key_value_heads, cfg.group_size, (cfg.qjl_dim or 16) if cfg.qjl else 0
-    scales = 4 * D / g * 2  # key and value groups: scale + zero, 2 bytes each (KIVI's key groups span g tokens)
+    # key and value groups: scale + zero, 2 bytes each (KIVI's key groups span g tokens); the codebook: the scale only
+    scales = (2 if cfg.codebook else 4) * D / g * 2
     assert per == H * (D * (cfg.key_bits + cfg.value_bits) / 8 + scales + (2 + m / 8 if cfg.qjl else 0))
     assert per < 4 * D * H / 2  # under half of a bf16 cache
     for layer in cache.layers:
