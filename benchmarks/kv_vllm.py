@@ -7,7 +7,8 @@ fresh engine started by this command (one after the other, same machine state), 
 * ``bf16``: vLLM's dense cache (``kv_cache_dtype="auto"``), the baseline;
 * ``fp8``: vLLM's fp8 cache (``kv_cache_dtype="fp8"``, its only compressed KV dtype that works on CPU);
 * ``longkit-16`` (identity: 16-bit, no rotation; what the packed path costs at 1x), ``longkit-4``, ``longkit-3``,
-  ``longkit-2`` (rotated, groups of 32): ``additional_config={"longkit_kv_cache": {...}}``.
+  ``longkit-2`` (rotated, groups of 32), ``longkit-3cb`` (rotated, 3-bit Gaussian codebook, one fp16 RMS per head
+  vector): ``additional_config={"longkit_kv_cache": {...}}``.
 
 Reported: the engine's KV capacity in tokens (``num_gpu_blocks x block_size`` as vLLM computes it) and its ratio to
 bf16, bytes per token and layer (the worker's cache view), engine start time, and for a short batch of chat
@@ -46,6 +47,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "longkit-4": {"kv_cache_dtype": "auto", "options": {"key_bits": 4, "value_bits": 4}},
     "longkit-3": {"kv_cache_dtype": "auto", "options": {"key_bits": 3, "value_bits": 3}},
     "longkit-2": {"kv_cache_dtype": "auto", "options": {"key_bits": 2, "value_bits": 2}},
+    # the Gaussian codebook, one group (one fp16 RMS) per head of 64 channels (the default model's head dim)
+    "longkit-3cb": {"kv_cache_dtype": "auto", "options": {"key_bits": 3, "value_bits": 3, "group_size": 64,
+                                                          "codebook": True}},
 }
 
 CHAT = [

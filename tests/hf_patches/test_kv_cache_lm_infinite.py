@@ -76,8 +76,10 @@ def _oracle(q, p, stored, lm, inv_freq, scale):
 
 # (QJL adds a score correction a dequantized key does not carry: the padded-batch test covers it.)
 @pytest.mark.parametrize("cfg", [_q4(residual_length=3), _q4(residual_length=0, rotate=False),
-                                 KVCacheConfig(key_bits=2, value_bits=3, group_size=8, residual_length=5)],
-                         ids=["q4", "q4_norot_r0", "k2v3g8"])
+                                 KVCacheConfig(key_bits=2, value_bits=3, group_size=8, residual_length=5),
+                                 KVCacheConfig(key_bits=3, value_bits=3, group_size=16, codebook=True,
+                                               residual_length=3)],
+                         ids=["q4", "q4_norot_r0", "k2v3g8", "codebook3"])
 def test_decode_step_equals_a_per_key_oracle(cfg):
     """Each decode step equals attention over sinks (distance-limited), ring and window computed key by key, with
     every ring token's key and value replaced by its own quantize -> dequantize round trip."""
