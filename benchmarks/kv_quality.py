@@ -78,6 +78,9 @@ def configs(group: int = 32, head_dim: int = 64) -> dict[str, dict[str, Any] | N
         out[f"norot{b}"] = dict(key_bits=b, value_bits=b, group_size=group, rotate=False)
         out[f"kivi{b}"] = dict(key_bits=b, value_bits=b, group_size=group, key_axis="channel", rotate=False)
         out[f"cb{b}"] = dict(key_bits=b, value_bits=b, group_size=head_dim, rotate=True, codebook=True)
+    # mixed widths: which of keys and values costs the quality at 3 bits
+    out["k4v3"] = dict(key_bits=4, value_bits=3, group_size=group, rotate=True)
+    out["k3v4"] = dict(key_bits=3, value_bits=4, group_size=group, rotate=True)
     out["rot4_keep0.5"] = dict(key_bits=4, value_bits=4, group_size=group, rotate=True, keep_channels=0.5)
     out["norot4_keep0.75"] = dict(key_bits=4, value_bits=4, group_size=16, rotate=False, keep_channels=0.75)
     return out
