@@ -127,3 +127,14 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any], *,  
     if not any(_same_kind(value, c) and value == c for c in options):
         raise _fail(errors.value, owner, name, f"one of {options}", value)
     return value
+
+
+def check_kv_codebook(owner: str, options: Any) -> None:  # noqa: ANN401
+    """The quantized-KV ``codebook`` option against the others (``KVQuantSpec`` and ``KVCacheConfig`` alike)."""
+    check_bool(owner, "codebook", options.codebook)
+    if options.codebook and options.key_axis == "channel":
+        raise ConfigError(f"{owner}: codebook=True scales each token's groups by their RMS; key_axis='channel' "
+                          "(KIVI) uses min/max scales over token groups: use key_axis='token' or codebook=False")
+    if options.codebook and options.key_bits == 16 and options.value_bits == 16:
+        raise ConfigError(f"{owner}: codebook=True but key_bits=value_bits=16 quantize nothing: use 2, 3 or 4 "
+                          "bits for keys or values, or codebook=False")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ._validate import check_bool, check_choice, check_int, check_number
+from ._validate import check_bool, check_choice, check_int, check_kv_codebook, check_number
 from .errors import ConfigError
 
 __all__ = ["LMInfiniteConfig", "RopeConfig", "PrefixSharingConfig", "ActivationOffloadConfig", "TiledLossConfig",
@@ -506,13 +506,7 @@ class KVCacheConfig:
         if self.key_axis == "channel" and self.key_bits == 16:
             raise ConfigError(f"{owner}: key_axis='channel' sets how keys are quantized, but key_bits=16 stores them "
                               "raw: use key_axis='token' with key_bits=16")
-        check_bool(owner, "codebook", self.codebook)
-        if self.codebook and self.key_axis == "channel":
-            raise ConfigError(f"{owner}: codebook=True scales each token's groups by their RMS; key_axis='channel' "
-                              "(KIVI) uses min/max scales over token groups: use key_axis='token' or codebook=False")
-        if self.codebook and self.key_bits == 16 and self.value_bits == 16:
-            raise ConfigError(f"{owner}: codebook=True but key_bits=value_bits=16 quantize nothing: use 2, 3 or 4 "
-                              "bits for keys or values, or codebook=False")
+        check_kv_codebook(owner, self)
 
     def spec(self) -> Any:  # noqa: ANN401 - a KVQuantSpec (imported lazily: this module imports no kernel)
         """The kernels' :class:`~longkit.kernels.kv_quant.KVQuantSpec` of these options (without the window)."""

@@ -36,7 +36,7 @@ import math
 import struct
 from dataclasses import dataclass
 
-from longkit._validate import BUILTIN, check_bool, check_choice, check_int, check_number
+from longkit._validate import BUILTIN, check_bool, check_choice, check_int, check_kv_codebook, check_number
 from longkit.errors import ConfigError
 
 __all__ = ["KVQuantSpec", "RecordLayout", "record_layout", "bytes_per_token", "validate_head_dim", "gaussian_codebook",
@@ -134,13 +134,7 @@ class KVQuantSpec:
         if self.key_axis == "channel" and self.key_bits == 16:
             raise ConfigError(f"{owner}: key_axis='channel' sets how keys are quantized, but key_bits=16 stores "
                               "them raw: use key_axis='token' with key_bits=16")
-        check_bool(owner, "codebook", self.codebook)
-        if self.codebook and self.key_axis == "channel":
-            raise ConfigError(f"{owner}: codebook=True scales each token's groups by their RMS; key_axis='channel' "
-                              "(KIVI) uses min/max scales over token groups: use key_axis='token' or codebook=False")
-        if self.codebook and self.key_bits == 16 and self.value_bits == 16:
-            raise ConfigError(f"{owner}: codebook=True but key_bits=value_bits=16 quantize nothing: use 2, 3 or 4 "
-                              "bits for keys or values, or codebook=False")
+        check_kv_codebook(owner, self)
 
     # ------------------------------------------------------------------------- presets
     @classmethod
