@@ -48,11 +48,12 @@ def run(fn: Callable, tensors: dict[str, torch.Tensor | None], **kwargs) -> dict
     leaves = {n: (t.detach().clone().requires_grad_() if t is not None else None) for n, t in tensors.items()}
     o, s = fn(**leaves, **kwargs)
     gen = torch.Generator().manual_seed(1234)  # same upstream grads for every implementation in one test
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    # drawn on the CPU (one generator for every device), then moved: the same upstream grads on CPU and GPU
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype)
     loss = (o * do).sum()
     res = {"o": o.detach()}
     if s is not None:
-        ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
+        ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(device=s.device, dtype=s.dtype)
         loss = loss + (s * ds).sum()
         res["final_state"] = s.detach()
     loss.backward()
