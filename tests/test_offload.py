@@ -453,9 +453,14 @@ def test_benchmark_dry_run(tmp_path) -> None:
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_offload_lowers_peak_memory_and_pins() -> None:
     """bf16, gradient checkpointing, 8 layers: with offload the checkpointed inputs live in pinned host memory, so the
-    peak is lower by most of them (all but the ~2 layers being recomputed / prefetched), and the loss is the same."""
-    hidden, layers, seq = 1024, 8, 8192
-    model = tiny_model("llama", dtype=torch.bfloat16, hidden_size=hidden, intermediate_size=2048,
+    peak is lower by most of them (all but the ~2 layers being recomputed / prefetched), and the loss is the same.
+
+    The shape makes activations dominate: the peak must be at the first recompute of the backward (every layer
+    input alive), not at its end (every weight gradient alive, most inputs already freed), where offload changes
+    nothing. At hidden 1024 / 8k tokens (16 MiB per layer input, 150 MB of weight gradients) both peaks were equal
+    to the byte on an H100, as when the peak falls where offload has nothing left to save."""
+    hidden, layers, seq = 512, 8, 32768
+    model = tiny_model("llama", dtype=torch.bfloat16, hidden_size=hidden, intermediate_size=1024,
                        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
                        max_position_embeddings=seq).cuda().train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
