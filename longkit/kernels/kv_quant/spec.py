@@ -268,7 +268,6 @@ def bytes_per_token(spec: KVQuantSpec, head_dim: int, num_kv_heads: int) -> floa
     return int(total) if float(total).is_integer() else total
 
 
-
 @functools.cache
 def gaussian_codebook(bits: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(centroids, boundaries)`` of the Lloyd-Max quantizer of the standard Gaussian with ``2**bits`` levels
@@ -282,20 +281,27 @@ def gaussian_codebook(bits: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if bits not in (2, 3, 4):
         raise ValueError(f"gaussian_codebook: bits must be 2, 3 or 4, got {bits}")
     n = 2 ** bits
-    pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
     c = [-3 + 6 * (i + 0.5) / n for i in range(n)]
     for _ in range(10000):
         edges = [-math.inf] + [(a + b) / 2 for a, b in zip(c, c[1:])] + [math.inf]
-        new = []
-        for a, b in zip(edges, edges[1:]):
-            pa, pb = (0.0 if math.isinf(a) else pdf(a)), (0.0 if math.isinf(b) else pdf(b))
-            new.append((pa - pb) / (cdf(b) - cdf(a)))
+        new = [(_gauss_pdf(a) - _gauss_pdf(b)) / (_gauss_cdf(b) - _gauss_cdf(a)) for a, b in zip(edges, edges[1:])]
         done = max(abs(x - y) for x, y in zip(c, new)) < 1e-12
         c = new
         if done:
             break
-    f32 = lambda x: struct.unpack("f", struct.pack("f", x))[0]  # noqa: E731
-    centroids = tuple(f32(x) for x in c)
-    boundaries = tuple(f32((a + b) / 2) for a, b in zip(c, c[1:]))
+    centroids = tuple(_to_fp32(x) for x in c)
+    boundaries = tuple(_to_fp32((a + b) / 2) for a, b in zip(c, c[1:]))
     return centroids, boundaries
+
+
+def _gauss_pdf(x: float) -> float:
+    return math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # 0.0 at ±inf
+
+
+def _gauss_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def _to_fp32(x: float) -> float:
+    """``x`` rounded to the nearest fp32 value: the tables the kernels load are fp32, the reference uses the same."""
+    return struct.unpack("f", struct.pack("f", x))[0]
