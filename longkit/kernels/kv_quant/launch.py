@@ -89,8 +89,14 @@ def _tables(spec: KVQuantSpec, bits: int, device: torch.device) -> tuple[torch.T
     """The codebook tables of ``bits`` when the spec uses them, else 1-element placeholders."""
     if spec.codebook and bits != 16:
         return codebook_tables(bits, device)
-    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    dummy = _placeholder(device)
     return dummy, dummy
+
+
+@functools.cache
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """One fp32 element per device: a pointer argument the kernel never reads (no allocation per call)."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
 
 
 def _unsupported(what: str) -> NotImplementedError:
