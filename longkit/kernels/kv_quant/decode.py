@@ -37,16 +37,30 @@ def _load_dequant(CODES, scb, sch, sct, SCALE, ZERO, LUT, ssb, ssh, sst, b, h, n
         x = x.to(tl.float32)
     else:
         codes = _unpack_tile(CODES + b * scb + h * sch, n64 * sct, n_ok, BITS, S, NS, NS_PAD, NPLANES, BLOCK_N)
-        if CHANNEL_AXIS:
-            soff = b * ssb + h * ssh + (n64 // GROUP)[:, None] * sst + chan[None, :]
+        if CODEBOOK:  # centroid of the Gaussian codebook (a 4..16-entry table: stays in L1)
+            y = tl.load(LUT + codes)
         else:
-            soff = b * ssb + h * ssh + n64[:, None] * sst + (chan // GROUP)[None, :]
-        sc = tl.load(SCALE + soff, mask=mask, other=0.0).to(tl.float32)
-        if CODEBOOK:  # centroid of the Gaussian codebook (a 4..16-entry table: stays in L1) times the group RMS
-            x = tl.load(LUT + codes) * sc
+            y = codes.to(tl.float32)
+        NGT: tl.constexpr = W // GROUP
+        if (not CHANNEL_AXIS) and NS_PAD == NS and W % GROUP == 0 and (NGT & (NGT - 1)) == 0:
+            # Tile order is channel order here, so a group is a run of GROUP columns: load the [BLOCK_N, NGT]
+            # scales (and zeros) once and broadcast them, instead of one gathered load per element.
+            goff = b * ssb + h * ssh + n64[:, None] * sst + tl.arange(0, NGT)[None, :]
+            sc = tl.load(SCALE + goff, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            y3 = tl.reshape(y, (BLOCK_N, NGT, GROUP)) * sc[:, :, None]
+            if not CODEBOOK:
+                ze = tl.load(ZERO + goff, mask=n_ok[:, None], other=0.0).to(tl.float32)
+                y3 = y3 + ze[:, :, None]
+            x = tl.reshape(y3, (BLOCK_N, W))
         else:
-            ze = tl.load(ZERO + soff, mask=mask, other=0.0).to(tl.float32)
-            x = codes.to(tl.float32) * sc + ze
+            if CHANNEL_AXIS:
+                soff = b * ssb + h * ssh + (n64 // GROUP)[:, None] * sst + chan[None, :]
+            else:
+                soff = b * ssb + h * ssh + n64[:, None] * sst + (chan // GROUP)[None, :]
+            sc = tl.load(SCALE + soff, mask=mask, other=0.0).to(tl.float32)
+            x = y * sc
+            if not CODEBOOK:
+                x = x + tl.load(ZERO + soff, mask=mask, other=0.0).to(tl.float32)
     return x
 
 
