@@ -1,7 +1,7 @@
 """Decode speed and memory at long context: vanilla HF vs LM-Infinite, eager and CUDA-graph, same model, same run.
 
 Random-weight Llama with realistic layer shapes (default: Llama-3-8B), bf16. For each (batch, context) the same
-random prompt is decoded greedily with ``model.generate`` by up to seven methods:
+random prompt is decoded greedily with ``model.generate`` by up to eight methods:
 
 * ``vanilla_eager``: HF's default (DynamicCache), eager;
 * ``vanilla_graph``: HF's ``cache_implementation="static"`` (StaticCache, fixed-shape 4-D mask built by
@@ -12,10 +12,12 @@ random prompt is decoded greedily with ``model.generate`` by up to seven methods
 * ``lminf_graph``: ``LMInfiniteConfig(decode="cuda_graph")``;
 * ``lminf_memory_eager``: ``lminf_eager`` + ``memory=MemoryConfig()`` (memory blocks at their defaults; their
   blocks are not counted in ``cache_gib``, the peak includes them);
-* ``lminf_kv4_eager``: ``lminf_eager`` + ``kv_cache=KVCacheConfig()`` (4-bit rotated packed ring).
+* ``lminf_kv4_eager``: ``lminf_eager`` + ``kv_cache=KVCacheConfig()`` (4-bit rotated packed ring);
+* ``kv4_eager``: vanilla attention over the full-length quantized cache, ``kv_cache=KVCacheConfig()`` alone.
 
-The last two run only when named in ``--methods``; the headline ratio compares plain LM-Infinite with vanilla, and
-``<method>_vs_lminf_eager`` gives their decode speed against LM-Infinite alone.
+The last three run only when named in ``--methods``; the headline ratio compares plain LM-Infinite with vanilla,
+``<method>_vs_lminf_eager`` gives the stacked ones' decode speed against LM-Infinite alone and
+``kv4_eager_vs_vanilla_eager`` the quantized cache's against HF's default decoding.
 
 Timing: a streamer timestamps every token ``generate()`` emits (HF reads each token on the host anyway), so
 one ``generate`` call gives the prefill time (first token) and the steady per-step decode time (tokens after
@@ -60,7 +62,7 @@ SHAPES = {
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 METHODS = ("vanilla_eager", "vanilla_graph", "lminf_eager", "lminf_static", "lminf_graph", "lminf_memory_eager",
-           "lminf_kv4_eager")
+           "lminf_kv4_eager", "kv4_eager")
 LMINF = ("lminf_eager", "lminf_static", "lminf_graph")  # plain LM-Infinite: the headline's candidates
 VANILLA = ("vanilla_eager", "vanilla_graph")
 
@@ -106,6 +108,9 @@ def _cleanup(device: str) -> None:
 
 
 def _cache_bytes(cache: Any) -> int:
+    if callable(getattr(cache, "memory", None)):  # longkit's quantized caches: packed buffers + full-precision part
+        mem = cache.memory()
+        return int(mem["packed_allocated"] + mem["window"])
     seen, total = set(), 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -150,6 +155,9 @@ def run_method(model, method: str, prompt: torch.Tensor, args: argparse.Namespac
     t0 = time.perf_counter()
     if method == "vanilla_eager":
         out = model.generate(prompt, streamer=clock, **gen)
+    elif method == "kv4_eager":  # the full-length quantized cache (no LM-Infinite): 4-bit rotated, 128-token window
+        with longkit.patched(model, kv_cache=KVCacheConfig()):
+            out = model.generate(prompt, streamer=clock, **gen)
     elif method == "vanilla_graph":
         from transformers import StaticCache
 
@@ -266,6 +274,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cols = (["batch", "context"] + [f"{m}_tok_s" for m in methods]
             + ["fastest_vanilla", "fastest_lminf", "speedup_vs_fastest_vanilla", "lminf_graph_vs_vanilla_graph"]
             + [f"{m}_vs_lminf_eager" for m in ("lminf_memory_eager", "lminf_kv4_eager") if m in methods]
+            + (["kv4_eager_vs_vanilla_eager"] if "kv4_eager" in methods else [])
             + [f"{m}_peak_gib" for m in methods])
     print_table(rows, cols, title=f"LM-Infinite decode ({args.shape}, {args.new_tokens} timed steps, decode tok/s)")
     print_table(rows, ["batch", "context"] + [f"{m}_gpu_step_ms" for m in methods if m.endswith("graph")]
@@ -313,6 +322,8 @@ def _ratios(row: dict, methods: list[str]) -> None:
     for m in ("lminf_memory_eager", "lminf_kv4_eager"):  # the stacked techniques against LM-Infinite alone, eager
         if row.get(f"{m}_tok_s") and row.get("lminf_eager_tok_s"):
             row[f"{m}_vs_lminf_eager"] = row[f"{m}_tok_s"] / row["lminf_eager_tok_s"]
+    if row.get("kv4_eager_tok_s") and row.get("vanilla_eager_tok_s"):
+        row["kv4_eager_vs_vanilla_eager"] = row["kv4_eager_tok_s"] / row["vanilla_eager_tok_s"]
 
 
 def _save(args: argparse.Namespace, rows: list[dict], methods: list[str]) -> None:

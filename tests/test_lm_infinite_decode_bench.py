@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 def test_tiny_plan_all_eager_methods(tmp_path: Path) -> None:
     bench = pytest.importorskip("lm_infinite_decode")
-    methods = ["vanilla_eager", "lminf_eager", "lminf_static", "lminf_memory_eager", "lminf_kv4_eager"]
+    methods = ["vanilla_eager", "lminf_eager", "lminf_static", "lminf_memory_eager", "lminf_kv4_eager", "kv4_eager"]
     rows = bench.main(["--shape", "tiny", "--device", "cpu", "--plan", "1x1024", "--new-tokens", "2",
                        "--skip-steps", "1", "--methods", *methods, "--out-dir", str(tmp_path)])
     (row,) = rows
@@ -26,4 +26,5 @@ def test_tiny_plan_all_eager_methods(tmp_path: Path) -> None:
     # vanilla keeps all 1024+ tokens; LM-Infinite keeps its 512-token window + sinks; the 4-bit ring packs it
     assert row["lminf_eager_cache_gib"] < 0.6 * row["vanilla_eager_cache_gib"]
     assert row["lminf_kv4_eager_cache_gib"] < 0.5 * row["lminf_eager_cache_gib"]
+    assert row["kv4_eager_vs_vanilla_eager"] > 0 and row["kv4_eager_cache_gib"] < row["vanilla_eager_cache_gib"]
     assert (tmp_path / "lm_infinite_decode_tiny.json").is_file()
