@@ -21,7 +21,7 @@ from . import naive
 from .decode import _combine_kernel, _decode_split_kernel
 from .packed import PackedKV
 from .quant import _quantize_kernel
-from .spec import KVQuantSpec, gaussian_codebook
+from .spec import KVQuantSpec
 from .state import KVQuantState
 
 __all__ = ["tile_params", "tile_order", "launch_quantize", "launch_decode", "plan_splits"]
@@ -77,18 +77,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.cache
-def codebook_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(centroids [2**bits], boundaries [2**bits - 1])`` fp32 on ``device`` (built once per bits and device)."""
-    cents, bounds = gaussian_codebook(bits)
-    return (torch.tensor(cents, dtype=torch.float32, device=device),
-            torch.tensor(bounds, dtype=torch.float32, device=device))
-
-
 def _tables(spec: KVQuantSpec, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The codebook tables of ``bits`` when the spec uses them, else 1-element placeholders."""
     if spec.codebook and bits != 16:
-        return codebook_tables(bits, device)
+        return naive.codebook_tensors(bits, device)
     dummy = _placeholder(device)
     return dummy, dummy
 

@@ -8,6 +8,7 @@ to low-precision rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -108,6 +109,15 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return codes.float() * s + z
 
 
+@functools.cache
+def codebook_tensors(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(centroids [2**bits], boundaries [2**bits - 1])`` of :func:`gaussian_codebook` as fp32 tensors on ``device``,
+    built once per (bits, device): the reference, the kernels' launcher and the vLLM dequantizer share them."""
+    cents, bounds = gaussian_codebook(bits)
+    return (torch.tensor(cents, dtype=torch.float32, device=device),
+            torch.tensor(bounds, dtype=torch.float32, device=device))
+
+
 def quantize_codebook(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian-codebook quantization of fp32 ``x`` in groups of ``group`` consecutive elements of the last dim.
 
@@ -122,14 +132,14 @@ def quantize_codebook(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Ten
     scale = (xg.square().sum(-1) / group).sqrt().clamp(max=FP16_MAX).half()
     s32 = scale.float().unsqueeze(-1)
     y = torch.where(s32 > 0, xg / torch.where(s32 > 0, s32, 1.0), 0.0)
-    bounds = torch.tensor(gaussian_codebook(bits)[1], dtype=torch.float32, device=x.device)
+    bounds = codebook_tensors(bits, x.device)[1]
     codes = (y.unsqueeze(-1) > bounds).sum(-1)
     return codes.flatten(-2), scale
 
 
 def dequantize_codebook(codes: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """``centroid[code]·scale`` in fp32 (scale repeated over its ``group`` elements of the last dim)."""
-    lut = torch.tensor(gaussian_codebook(bits)[0], dtype=torch.float32, device=codes.device)
+    lut = codebook_tensors(bits, codes.device)[0]
     return lut[codes] * scale.float().repeat_interleave(group, dim=-1)
 
 

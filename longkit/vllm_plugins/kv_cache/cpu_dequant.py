@@ -12,12 +12,10 @@ bits ``[b·s, b·s + b)``; 3-bit words are three byte planes.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ...kernels.kv_quant import KVQuantSpec, PackedKV, record_layout
-from ...kernels.kv_quant.spec import gaussian_codebook
+from ...kernels.kv_quant.naive import codebook_tensors
 
 __all__ = ["dequantize_records", "dequantize_stored", "unpack_codes_u8"]
 
@@ -49,7 +47,7 @@ def _field(records: torch.Tensor, fields: dict[str, tuple[int, int]], name: str,
     c = unpack_codes_u8(codes, bits, n)
     lead = c.shape[:-1]
     if codebook:  # fp32 centroid[code] * scale, the reference's arithmetic
-        x = _centroids(bits, records.device)[c.long()].view(*lead, n // group, group)
+        x = codebook_tensors(bits, records.device)[0][c.long()].view(*lead, n // group, group)
         x.mul_(scale.float().unsqueeze(-1))
         return x.view(*lead, n).to(dtype)
     zo, zn = fields[f"{name}_zero"]
@@ -58,11 +56,6 @@ def _field(records: torch.Tensor, fields: dict[str, tuple[int, int]], name: str,
     x = c.view(*lead, n // group, group).float()
     x.mul_(scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1))
     return x.view(*lead, n).to(dtype)
-
-
-@functools.cache
-def _centroids(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(gaussian_codebook(bits)[0], dtype=torch.float32, device=device)
 
 
 def dequantize_records(records: torch.Tensor, spec: KVQuantSpec, head_dim: int, dtype: torch.dtype, *,
