@@ -20,10 +20,17 @@ from longkit.hf_patches.pie import (
     UnsupportedCacheError,
 )
 from longkit.kernels.rope import naive_rope_rotate
-from tests.utils import tiny_model
+from tests.utils import tiny_model as _tiny_model
 
 ATOL = 1e-5
 MODELS = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+def tiny_model(*args, **kwargs):
+    """A tiny random model that never stops early (an EOS drawn by random weights ends a generation: seed-dependent)."""
+    model = _tiny_model(*args, **kwargs)
+    model.generation_config.eos_token_id = None
+    return model
 
 
 def _ids(n: int, vocab: int = 96) -> list[int]:
@@ -138,7 +145,6 @@ def test_reencode_method_is_exact() -> None:
 
 def test_batch_of_rows() -> None:
     model = tiny_model()
-    model.generation_config.eos_token_id = None  # random weights: an EOS would end a row early (seed-dependent)
     rows = [_ids(12), _ids(20), _ids(7)]
     batch = EditableBatch.from_ids(model, rows)
     stats = batch.edit({0: {"tokens": [TokenEdit(2, 3, (4, 5))]}, 2: {"tokens": TokenEdit(7, 7, (9,))}})
