@@ -10,12 +10,14 @@ heads over 8 KV heads), one decode step's attention (one query token per row) ov
   split-K kernel that dequantizes tiles in registers), for 4/3/2-bit rotated caches and a 3-bit cache with the QJL
   sketch (``--specs``).
 
-Columns: ``ms`` (``triton.testing.do_bench`` median), ``speedup`` over ``sdpa_bf16``, ``kv_bytes`` per layer (the
-bf16 cache, or the packed cache: exactly ``bytes_per_token × T × B`` with scales, zeros and sketches), ``GB/s``
-(cache bytes read per call / time) and ``of_copy`` (that rate over the device's measured copy bandwidth, read +
-write of a 1 GiB tensor), ``mem_ratio`` (bf16 bytes / these bytes). Before timing, every quantized output is
-compared with exact bf16 attention on the same (unquantized) keys and values (``rel_err``), and the kernel with the
-reference on the same packed cache for the first shape (``kernel_vs_ref``).
+Columns: ``ms`` (``triton.testing.do_bench`` median: eager calls, host work included), ``ms_graph`` (the same call
+captured once in a CUDA graph and replayed, ``do_bench_cudagraph``: GPU time only, as a decode loop under CUDA graphs
+sees it; ``--no-graph`` skips it), ``speedup`` over ``sdpa_bf16`` (graph times where measured), ``kv_bytes`` per
+layer (the bf16 cache, or the packed cache: exactly ``bytes_per_token × T × B`` with scales, zeros and sketches),
+``GB/s`` (cache bytes read per call / time, graph time where measured) and ``of_copy`` (that rate over the device's
+measured copy bandwidth, read + write of a 1 GiB tensor), ``mem_ratio`` (bf16 bytes / these bytes). Before timing,
+every quantized output is compared with exact bf16 attention on the same (unquantized) keys and values
+(``rel_err``), and the kernel with the reference on the same packed cache for the first shape (``kernel_vs_ref``).
 
 ``sequences_at_<N>GiB`` (``--budget-gib``): how many rows of ``T`` tokens fit a KV budget of N GiB for the whole
 model (``--layers`` layers), from the exact bytes per token: the capacity gain where bf16 runs out of memory.
@@ -23,16 +25,21 @@ model (``--layers`` layers), from the exact bytes per token: the capacity gain w
     python benchmarks/kv_decode.py                                     # B 1/8/32, T 8k..128k, D 128
     python benchmarks/kv_decode.py --hd 64 --heads 9 --kv-heads 3      # SmolLM2's heads
     python benchmarks/kv_decode.py --dry-run                           # CPU, tiny shapes, reference path
+    python benchmarks/kv_decode.py --tiles 64:4 128:8:2 --specs 4bit   # also split-kernel tiles BLOCK_N:warps[:stages]
+
+``--tiles``: each quantized spec also runs with these tiles of the split kernel (rows ``longkit_<spec>@<tile>``),
+in place of the built-in choice (``launch._decode_config``) for that row only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +97,42 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
+def parse_tile(text: str) -> dict[str, int]:
+    """``BLOCK_N:warps[:stages]`` -> the split kernel's launch options (``BLOCK_M`` stays the built-in one)."""
+    parts = [int(x) for x in text.split(":")]
+    if len(parts) not in (2, 3) or parts[0] < 16 or parts[0] & (parts[0] - 1) or parts[1] not in (1, 2, 4, 8, 16):
+        raise argparse.ArgumentTypeError(f"--tiles entry {text!r}: want BLOCK_N:warps[:stages], BLOCK_N a power of "
+                                         "two >= 16, warps 1..16 (a power of two), e.g. 64:4 or 128:8:2")
+    out = {"BLOCK_N": parts[0], "num_warps": parts[1]}
+    if len(parts) == 3:
+        out["num_stages"] = parts[2]
+    return out
+
+
+@contextlib.contextmanager
+def split_tiles(tile: dict[str, int] | None) -> Iterator[None]:
+    """Run the split kernel with ``tile`` in place of its built-in choice (a benchmark-only override)."""
+    if tile is None:
+        yield
+        return
+    from longkit.kernels.kv_quant import launch
+
+    built_in = launch._decode_config
+    launch._decode_config = lambda *a: {**built_in(*a), **tile}
+    try:
+        yield
+    finally:
+        launch._decode_config = built_in
+
+
+def _tile_name(tile: dict[str, int]) -> str:
+    return f"{tile['BLOCK_N']}:{tile['num_warps']}" + (f":{tile['num_stages']}" if "num_stages" in tile else "")
+
+
 def run_shape(B: int, T: int, D: int, Hq: int, Hkv: int, specs: list[str], device: str, seed: int,
-              bench: Callable[[Callable[[], object]], float], copy_gbs: float, check: bool) -> list[dict[str, Any]]:
+              bench: Callable[[Callable[[], object]], float], copy_gbs: float, check: bool,
+              graph_bench: Callable[[Callable[[], object]], float] | None = None,
+              tiles: list[dict[str, int]] | None = None) -> list[dict[str, Any]]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     k = torch.randn(B, Hkv, T, D, generator=g).to(device, dtype)
@@ -102,16 +143,22 @@ def run_shape(B: int, T: int, D: int, Hq: int, Hkv: int, specs: list[str], devic
     dense_bytes = k.numel() * k.element_size() * 2
     rows: list[dict[str, Any]] = []
 
-    def row(impl: str, ms: float, nbytes: float, err: float | None, extra: dict[str, Any] | None = None) -> None:
-        rows.append({"B": B, "T": T, "D": D, "Hq": Hq, "Hkv": Hkv, "impl": impl, "ms": ms, "kv_bytes": nbytes,
-                     "GB/s": nbytes / ms / 1e6, "of_copy": nbytes / ms / 1e6 / copy_gbs,
+    def row(impl: str, fn: Callable[[], object], nbytes: float, err: float | None,
+            extra: dict[str, Any] | None = None) -> None:
+        ms = bench(fn)
+        ms_graph = graph_bench(fn) if graph_bench is not None else None
+        best = ms_graph if ms_graph is not None else ms
+        rows.append({"B": B, "T": T, "D": D, "Hq": Hq, "Hkv": Hkv, "impl": impl, "ms": ms, "ms_graph": ms_graph,
+                     "kv_bytes": nbytes, "GB/s": nbytes / best / 1e6, "of_copy": nbytes / best / 1e6 / copy_gbs,
                      "mem_ratio": dense_bytes / nbytes, "rel_err": err, **(extra or {})})
+        print(f"B={B} T={T} D={D} {impl}: {ms:.4g} ms" + (f", graph {ms_graph:.4g} ms" if ms_graph else ""),
+              flush=True)
 
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)  # noqa: E731
-    row("sdpa_bf16", bench(sdpa), dense_bytes, _rel(sdpa(), exact))
+    row("sdpa_bf16", sdpa, dense_bytes, _rel(sdpa(), exact))
     mask = causal(q_offset=T - 1)
     lk = lambda: masked_attention(q, k, v, mask=mask, scale=scale)  # noqa: E731
-    row("longkit_bf16", bench(lk), dense_bytes, _rel(lk(), exact))
+    row("longkit_bf16", lk, dense_bytes, _rel(lk(), exact))
     for name in specs:
         spec = spec_for(name, D)
         state = KVQuantState.create(spec, head_dim=D, num_kv_heads=Hkv, device=device)
@@ -125,10 +172,14 @@ def run_shape(B: int, T: int, D: int, Hq: int, Hkv: int, specs: list[str], devic
             ref = quantized_decode_attention(q, packed, spec, state, scale=scale, impl="naive")
             extra["kernel_vs_ref"] = _rel(out, ref)
         nbytes = bytes_per_token(spec, D, Hkv) * T * B
-        row(f"longkit_{name}", bench(fn), nbytes, _rel(out, exact), extra)
-    base = rows[0]["ms"]
+        row(f"longkit_{name}", fn, nbytes, _rel(out, exact), extra)
+        for tile in tiles or []:
+            with split_tiles(tile):
+                err = _rel(fn(), exact)
+                row(f"longkit_{name}@{_tile_name(tile)}", fn, nbytes, err)
+    key = "ms_graph" if rows[0]["ms_graph"] is not None else "ms"
     for r in rows:
-        r["speedup"] = base / r["ms"]
+        r["speedup"] = rows[0][key] / r[key] if r[key] else None
     return rows
 
 
@@ -144,6 +195,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--budget-gib", type=float, default=60.0, help="KV memory of the capacity column")
     ap.add_argument("--max-gib", type=float, default=24.0, help="skip shapes whose bf16 K+V of one layer exceed this")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiles", type=parse_tile, nargs="+", default=[], help="extra split-kernel tiles per quantized "
+                    "spec, BLOCK_N:warps[:stages]")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timing (ms_graph)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script without a GPU")
     ap.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (default benchmarks/results)")
     args = ap.parse_args(argv)
@@ -162,7 +216,12 @@ def main(argv: list[str] | None = None) -> Path:
         def bench(fn: Callable[[], object]) -> float:
             return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
+        if not args.no_graph:
+            def graph_bench(fn: Callable[[], object]) -> float:
+                return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
     copy_gbs = copy_bandwidth(device, bench)
+    graph_bench = None if args.dry_run or args.no_graph else graph_bench
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows: list[dict[str, Any]] = []
     first = True
@@ -173,11 +232,11 @@ def main(argv: list[str] | None = None) -> Path:
                     print(f"skipped B={B} T={T} D={D}: bf16 K+V above --max-gib {args.max_gib:g}")
                     continue
                 rows += run_shape(B, T, D, args.heads, args.kv_heads, args.specs, device, args.seed, bench,
-                                  copy_gbs, check=first)
+                                  copy_gbs, check=first, graph_bench=graph_bench, tiles=args.tiles)
                 first = False
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    print_table(rows, ["B", "T", "D", "impl", "ms", "speedup", "GB/s", "of_copy", "mem_ratio", "rel_err"],
+    print_table(rows, ["B", "T", "D", "impl", "ms", "ms_graph", "speedup", "GB/s", "of_copy", "mem_ratio", "rel_err"],
                 title=f"decode attention, one step, one layer ({tag}; {args.heads} q heads / {args.kv_heads} kv)")
     capacity = []
     for D in args.hd:

@@ -148,7 +148,7 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], do: torch.Tensor, leaves: list[torch
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm().clamp_min(1e-12))
 
 
 def run_shape(op: str, B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, seed: int,
@@ -183,6 +183,7 @@ def run_shape(op: str, B: int, H: int, T: int, D: int, dtype: torch.dtype, devic
         ms = bench(fwd_bwd(fn, x["do"], [x[n] for n in names]))
         rows.append({"op": op, "B": B, "H": H, "T": T, "D": D, "impl": name, "ms": ms, "tok_s": B * T / ms * 1e3,
                      "max_rel_err_vs_longkit": max(errs)})
+        print(f"{op} B={B} H={H} T={T} D={D} {name}: {ms:.3f} ms, max rel err vs longkit {max(errs):.2e}", flush=True)
     fla_ms = next((r["ms"] for r in rows if r["impl"] == "fla"), None)
     for r in rows:
         r["vs_fla"] = fla_ms / r["ms"] if fla_ms else None

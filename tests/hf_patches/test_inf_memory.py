@@ -288,6 +288,32 @@ def test_memory_changes_the_output_beyond_the_window(model_type):
     assert (out[:, 40:] - ref[:, 40:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("distance", [None, 40], ids=["dist_limit", "dist40"])
+def test_kernel_layout_equals_reference_path_fp32(model_type, distance):
+    """The CUDA path's layout (sinks and retrieved blocks turned into one masked-attention call), run on CPU through
+    the masked-attention reference in fp32, equals the reference path; the same layout with the memory one position
+    off does not."""
+    model = tiny_model(model_type, max_position_embeddings=128)
+    lm = LMInfiniteConfig(n_global=4, n_local=64, limit_distance=56)
+    longkit.apply_patches(model, lm_infinite=lm, memory=MemoryConfig(block_size=16, repr_keys=4, topk=3,
+                                                                     chunk_size=32, distance=distance))
+    states = [m._longkit_inf_memory for m in model.modules() if hasattr(m, "_longkit_inf_memory")]
+    ids = torch.randint(1, 96, (2, 300))
+
+    def logits(kernel: bool) -> torch.Tensor:
+        for st in states:
+            st.use_kernel = st.kernel_layout_on_cpu = kernel
+        with torch.no_grad():
+            return model(ids).logits
+
+    ref = logits(False)
+    torch.testing.assert_close(logits(True), ref, atol=2e-5, rtol=1e-4)
+    for st in states:
+        st.distance += 1
+    assert (logits(True) - ref).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral"])
 def test_prefill_in_pieces_and_decode_equal_one_shot(model_type):
     """Forward pieces whose lengths are multiples of chunk_size (after the first) give the one-shot logits; with

@@ -35,7 +35,8 @@ def _logits(model, ids, kernel: bool) -> torch.Tensor:
 @pytest.mark.parametrize("distance", [None, 40], ids=["dist_limit", "dist40"])
 def test_kernel_prefill_matches_reference(model_type, distance):
     """bf16: the kernel path may be at most twice as far from the fp32 reference as the PyTorch path in bf16 is; a
-    memory seen one position off must fail that bound."""
+    memory seen half a block (8 positions) off must fail that bound. (One position off is within bf16's error for
+    some random tiny models; ``test_kernel_layout_equals_reference_path_fp32`` checks that shift in fp32.)"""
     from longkit.kernels.testing import assert_close
 
     model = tiny_model(model_type, max_position_embeddings=128, hidden_size=256, num_attention_heads=4,
@@ -52,10 +53,10 @@ def test_kernel_prefill_matches_reference(model_type, distance):
     floor = 1e-3 * ref.abs().max().item()
     assert_close("logits", ref, out, lowprec_ref=low, atol_floor=floor)
     for st in _state(gpu):  # every attention module has its own state
-        st.distance += 1
+        st.distance += MEM.block_size // 2
     wrong = _logits(gpu, ids, kernel=True)
     with pytest.raises(AssertionError):
-        assert_close("logits, memory one position off", ref, wrong, lowprec_ref=low, atol_floor=floor)
+        assert_close("logits, memory half a block off", ref, wrong, lowprec_ref=low, atol_floor=floor)
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:

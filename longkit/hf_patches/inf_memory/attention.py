@@ -72,6 +72,9 @@ class MemoryState:
     # CUDA without padding: the shared Triton kernel; CPU: torch's fused CPU attention. False: the plain reference
     # (naive_memory_attention) everywhere; tests switch it off to compare.
     use_kernel: bool = True
+    # Tests: the CUDA path's layout (one masked-attention call over sinks + blocks + window) on CPU too, through the
+    # masked-attention reference, so the layout is checked in fp32 without a GPU.
+    kernel_layout_on_cpu: bool = False
 
 
 def chunk_bounds(t: int, chunk: int) -> list[tuple[int, int]]:
@@ -175,7 +178,8 @@ def _prefill(layer: MemoryLayer, query: torch.Tensor, key: torch.Tensor, value: 
     if base:
         order = step["order"][:, None, :].expand(b, hkv, base)
         recv[:, :, :base] = layer.recv.gather(2, order)
-    kernel = (st.use_kernel and query.is_cuda and not any(sh.pad_host) and _kernel_available())
+    kernel = (st.use_kernel and not any(sh.pad_host)
+              and ((query.is_cuda and _kernel_available()) or (st.kernel_layout_on_cpu and not query.is_cuda)))
     out = torch.empty_like(query)
     for u0, u1 in chunk_bounds(t, cfg.chunk_size):
         qc, qpos = query[:, :, u0:u1], kpos[:, base + u0:base + u1]

@@ -37,7 +37,11 @@ def _load_dequant(CODES, scb, sch, sct, SCALE, ZERO, LUT, ssb, ssh, sst, b, h, n
         x = x.to(tl.float32)
     else:
         codes = _unpack_tile(CODES + b * scb + h * sch, n64 * sct, n_ok, BITS, S, NS, NS_PAD, NPLANES, BLOCK_N)
-        if CODEBOOK:  # centroid of the Gaussian codebook (a 4..16-entry table: stays in L1)
+        if CODEBOOK and BITS <= 3:  # centroid of the Gaussian codebook: a select chain over <= 8 scalars
+            y = tl.zeros_like(codes).to(tl.float32) + tl.load(LUT)  # (ALU work instead of a gather per element)
+            for i in tl.static_range(1, 1 << BITS):
+                y = tl.where(codes == i, tl.load(LUT + i), y)
+        elif CODEBOOK:  # 16 entries: one gather per element from a table that stays in L1
             y = tl.load(LUT + codes)
         else:
             y = codes.to(tl.float32)

@@ -1,8 +1,9 @@
 """Host side of the quantized KV kernels: tile parameters, query preparation, split plan, launches.
 
 Inputs are checked by ``interface.py``. The query is projected to the kept key channels, rotated and (with QJL)
-sketched in PyTorch (``naive.prepare_query``, fp32, ``O(D log D)`` per query), then permuted into the kernels'
-tile order and cast to the compute dtype (the query's; fp32 stays fp32 with IEEE dots). Splits: each (row, KV head)
+sketched in PyTorch (fp32; for a decode step's few rows the rotation is one fp64 matmul, not ``log2(D)`` butterfly
+steps), then permuted into the kernels' tile order and cast to the compute dtype (the query's; fp32 stays fp32 with
+IEEE dots). Splits: each (row, KV head)
 is cut into ``num_splits`` ranges of whole ``BLOCK_N`` tiles, enough to give every SM ``PROGRAMS_PER_SM``
 programs, but no split shorter than ``MIN_SPLIT`` tokens.
 """
@@ -10,6 +11,7 @@ programs, but no split shorter than ``MIN_SPLIT`` tokens.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -200,7 +202,7 @@ def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: K
         prec = 1
     else:
         prec = 2 if q.dtype == torch.bfloat16 and envs.triton_interpreting() else 0
-    q_rot, q_sk = naive.prepare_query(q, spec, state)
+    q_rot, q_sk = _prepare_query(q, spec, state)
     qt = tile_order(q_rot, spec.key_bits).to(q.dtype).contiguous()
     qs = tile_order(q_sk, 1).to(q.dtype).contiguous() if spec.qjl else qt
     cfg = _decode_config(G, Tq, D, q.dtype == torch.float32)
@@ -242,6 +244,7 @@ def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: K
         QJL=spec.qjl, M=m, MS_PAD=triton.next_power_of_2(m // 8), CODEBOOK=spec.codebook,
         CAUSAL=causal, HAS_LENS=lengths is not None, PREC=prec,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}),
     )
     out = torch.empty(B, Hq, Tq, D, device=dev, dtype=torch.float32)
     lse = torch.empty(B, Hq, Tq, device=dev, dtype=torch.float32)
@@ -250,5 +253,51 @@ def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: K
         Hq, Tq, splits, D=D, D_PAD=triton.next_power_of_2(D), SPLITS_PAD=triton.next_power_of_2(splits),
     )
     if spec.rotate:
-        out = naive.unrotate(out, state.value_signs)
+        out = _rotate_rows(out, state, "value", inverse=True) if _few_rows(out) else naive.unrotate(
+            out, state.value_signs)
     return out.to(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------- query / output rotation
+MATRIX_ROWS = 1 << 16  # up to this many query rows, rotations are one small fp64 matmul (decode)
+
+
+def _few_rows(x: torch.Tensor) -> bool:
+    return x.numel() // x.shape[-1] <= MATRIX_ROWS
+
+
+def _rotation(state: KVQuantState, which: str) -> torch.Tensor:
+    """fp64 ``[Hkv, n, n]`` matrices ``R_h = diag(s_h)·H/sqrt(n)`` of the key or value signs (``x @ R_h`` =
+    ``naive.rotate(x)``), built once per state and signs tensor."""
+    signs = state.key_signs if which == "key" else state.value_signs
+    cache = state.__dict__.setdefault("_rotation_matrices", {})
+    tag = (which, signs.device, signs.data_ptr())
+    if tag not in cache:
+        n = signs.shape[-1]
+        h = naive.hadamard_transform(torch.eye(n, dtype=torch.float64, device=signs.device))
+        cache[tag] = signs.double()[:, :, None] * h / math.sqrt(n)
+    return cache[tag]
+
+
+def _rotate_rows(x: torch.Tensor, state: KVQuantState, which: str, inverse: bool = False) -> torch.Tensor:
+    """``naive.rotate`` (``inverse``: ``naive.unrotate``) of ``x [B, H, T, n]`` as one batched fp64 matmul, fp32
+    out. A decode step's few rows: one kernel instead of ``log2(n)`` butterfly steps of three each, and no TF32
+    rounding whatever the matmul precision settings."""
+    B, H, T, n = x.shape
+    r = _rotation(state, which)
+    if inverse:
+        r = r.transpose(-1, -2)
+    y = x.double().reshape(B, r.shape[0], (H // r.shape[0]) * T, n) @ r  # head h uses KV head h // (H / Hkv)
+    return y.reshape(B, H, T, n).float()
+
+
+def _prepare_query(q: torch.Tensor, spec: KVQuantSpec, state: KVQuantState
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``naive.prepare_query``, with the rotation as a matmul for a decode step's few rows."""
+    if not (spec.rotate and _few_rows(q)):
+        return naive.prepare_query(q, spec, state)
+    x = q.float()
+    if state.prunes:
+        x = naive._gather_channels(x, naive._kept(state))
+    x = _rotate_rows(x, state, "key")
+    return x, (x @ state.qjl_matrix.t() if spec.qjl else None)
