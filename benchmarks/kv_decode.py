@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> Path:
                 rows += run_shape(B, T, D, args.heads, args.kv_heads, args.specs, device, args.seed, bench,
                                   copy_gbs, check=first, graph_bench=graph_bench, tiles=args.tiles)
                 first = False
+                save_results(f"kv_decode_{tag}", rows, {"partial": True, "copy_gbs": copy_gbs}, args.out_dir)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     print_table(rows, ["B", "T", "D", "impl", "ms", "ms_graph", "speedup", "GB/s", "of_copy", "mem_ratio", "rel_err"],

@@ -333,8 +333,12 @@ def main(argv: list[str] | None = None) -> Path | None:
     print(f"building the {shape} model ({'LoRA' if lora else 'full fine-tune'}, {dtype}) on {device}", flush=True)
     model = build_model(shape, lora, dtype, device, args.max_len, args.seed)
     rows: list[dict[str, Any]] = []
-    for method in args.methods:
+    plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "bandwidth"}
+    for i, method in enumerate(args.methods):
         rows += run_method(model, method, args, device)
+        if i + 1 < len(args.methods):  # a partial file after each method: a run cut short keeps what it measured
+            save_results(f"offload_{tag}{args.tag}", rows, {"partial": True, "bandwidth": bw, "args": plain_args},
+                         out_dir=args.out_dir)
 
     summary = []
     for method in args.methods:
@@ -355,7 +359,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             print(f"warning: {r['method']} at {r['seq']} has loss {r['loss']:.4f}, {ref['method']} {ref['loss']:.4f}")
     text = model.config
     extra = {"summary": summary, "bandwidth": bw,
-             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "bandwidth"},
+             "args": plain_args,
              "model": {"shape": shape, **SHAPES[shape], "dtype": str(dtype), "lora": lora,
                        "lora_config": {"r": 16, "alpha": 32, "targets": LORA_TARGETS} if lora else None,
                        "layers": text.num_hidden_layers, "attn": "sdpa",
