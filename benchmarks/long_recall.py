@@ -199,6 +199,28 @@ def bucket_ppl(model: Any, ids: torch.Tensor, bucket: int) -> list[float]:
 
 
 @contextlib.contextmanager
+def shared_selection(enabled: bool):
+    """``--share-heads`` (an experiment, not a library option): one block selection per layer, the block scores
+    summed over the KV heads (InfLLM shares its memory units across a layer's heads), instead of one per KV head."""
+    if not enabled:
+        yield
+        return
+    from longkit.hf_patches.inf_memory import attention as A
+
+    per_head = A.score_blocks
+
+    def per_layer(*a: Any, **k: Any) -> torch.Tensor:
+        s = per_head(*a, **k)
+        return s.sum(dim=1, keepdim=True).expand_as(s).contiguous()
+
+    A.score_blocks = per_layer
+    try:
+        yield
+    finally:
+        A.score_blocks = per_head
+
+
+@contextlib.contextmanager
 def key_block_probe(args: argparse.Namespace, n_layers: int):
     """``--diagnose``: record every block scoring of the memory attention; yields a function that, given the key's
     token index, says how often its block was among the top-k (last prefill chunk of each layer; first decode step)
@@ -272,6 +294,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--distance", type=int, default=None, help="memory distance (default LM-Infinite's limit)")
     ap.add_argument("--reselect-every", type=int, default=None, help="decode steps between block selections")
     ap.add_argument("--max-new-tokens", type=int, default=10)
+    ap.add_argument("--share-heads", action="store_true", help="experiment: one block selection per layer (scores "
+                    "summed over KV heads)")
     ap.add_argument("--diagnose", action="store_true",
                     help="memory: report where the key's block ranked in the block selection of each prompt")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16 (dry run: fp32)")
@@ -339,7 +363,7 @@ def main(argv: list[str] | None = None) -> Path:
     for method in args.methods:
         probe = (key_block_probe(args, n_layers) if args.diagnose and method == "memory"
                  else contextlib.nullcontext(None))
-        with method_context(model, method, args), probe as report:
+        with method_context(model, method, args), shared_selection(args.share_heads), probe as report:
             for task, length, depth, seed, pr in prompts:
                 _sync(device)
                 t0 = time.perf_counter()
