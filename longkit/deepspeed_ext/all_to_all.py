@@ -102,26 +102,28 @@ def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     """``[B, H, T/P, D]`` sequence shards -> ``[B, H_rank, T, D]`` head shards of the whole sequence.
 
     All ranks must hold the same local length ``T/P`` (pad the sequence to a multiple of ``P``).
-    Returns local ``(q, k, v)``; k/v carry the KV heads ``plan.kv_ranges[rank]``.
+    Returns local ``(q, k, v)``; k/v carry the KV heads ``plan.kv_ranges[rank]``. ``v`` may have another head dim
+    than ``q`` and ``k`` (multi-head latent attention).
     """
     B, _, t_local, D = q.shape
-    unit = B * t_local * D
+    Dv = v.shape[-1]
+    unit, unit_v = B * t_local * D, B * t_local * Dv
     pieces, send = [], []
     for (qa, qb), (ka, kb) in zip(plan.q_ranges, plan.kv_ranges):
         pieces += [q[:, qa:qb].reshape(-1), k[:, ka:kb].reshape(-1), v[:, ka:kb].reshape(-1)]
-        send.append(unit * ((qb - qa) + 2 * (kb - ka)))
+        send.append(unit * ((qb - qa) + (kb - ka)) + unit_v * (kb - ka))
     (qa, qb), (ka, kb) = plan.q_ranges[rank], plan.kv_ranges[rank]
     nq, nkv = qb - qa, kb - ka
-    recv = [unit * (nq + 2 * nkv)] * plan.world
+    recv = [unit * (nq + nkv) + unit_v * nkv] * plan.world
     out = all_to_all_flat(torch.cat(pieces), send, recv, group)
     # out = [source 0: q | k | v][source 1: q | k | v]...; source s holds sequence chunk s.
     per_src = out.view(plan.world, -1)
     q_full = per_src[:, : unit * nq].reshape(plan.world, B, nq, t_local, D)
     k_full = per_src[:, unit * nq: unit * (nq + nkv)].reshape(plan.world, B, nkv, t_local, D)
-    v_full = per_src[:, unit * (nq + nkv):].reshape(plan.world, B, nkv, t_local, D)
+    v_full = per_src[:, unit * (nq + nkv):].reshape(plan.world, B, nkv, t_local, Dv)
 
-    def _join(x: torch.Tensor) -> torch.Tensor:  # [P, B, h, T/P, D] -> [B, h, T, D]
-        return x.permute(1, 2, 0, 3, 4).reshape(B, x.shape[2], plan.world * t_local, D)
+    def _join(x: torch.Tensor) -> torch.Tensor:  # [P, B, h, T/P, d] -> [B, h, T, d]
+        return x.permute(1, 2, 0, 3, 4).reshape(B, x.shape[2], plan.world * t_local, x.shape[-1])
 
     return _join(q_full), _join(k_full), _join(v_full)
 

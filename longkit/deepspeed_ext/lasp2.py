@@ -13,7 +13,7 @@ the same as for Ulysses (:mod:`.sequence_parallel`).
 
 Modes: ``"lasp2"`` needs a supported linear-attention model (:data:`LASP2_MODEL_TYPES`); ``"auto"`` does the
 same for those and hands a softmax-only model to Ulysses whole. Other linear/SSM models raise with the list of
-supported types; Kimi-Linear raises ``NotImplementedError``. Packed documents (``position_ids`` restarting
+supported types. Packed documents (``position_ids`` restarting
 inside a row) raise: transformers' PyTorch path of these layers refuses ``cu_seqlens`` and does not reset the
 recurrent state between documents.
 
@@ -43,7 +43,14 @@ from . import ulysses
 from .all_to_all import HeadPlan
 from .config import SequenceParallelConfig
 from .lasp2_comm import CommStats, LASP2Comm, _all_gather
-from .lasp2_models import LINEAR_LAYER_FORWARDS, REQUIRED_ATTRS, STATE_ATTR, LinearLayerState
+from .lasp2_models import (
+    HOST_FUNCTIONS,
+    LINEAR_LAYER_FORWARDS,
+    REQUIRED_ATTRS,
+    STATE_ATTR,
+    LinearLayerState,
+    host_function,
+)
 from .layout import LayoutCache
 
 __all__ = ["LASP2_MODEL_TYPES", "install", "uninstall", "comm_stats", "lasp2_layers", "has_linear_layers"]
@@ -57,11 +64,10 @@ LASP2_MODEL_TYPES: dict[str, str] = {
     "qwen3_next": "Qwen3NextGatedDeltaNet",
     "qwen3_5_text": "Qwen3_5GatedDeltaNet",
     "qwen3_5_moe_text": "Qwen3_5MoeGatedDeltaNet",
+    "kimi_linear": "KimiLinearDeltaAttention",
 }
-_NOT_BUILT = {
-    "kimi_linear": "its KimiLinearDeltaAttention (KDA) layers gate the state per key channel, which the gated-delta "
-                   "summary here (one scalar gate per head) does not cover",
-}
+# model_type -> why LASP-2 does not cover its linear layers yet (a NotImplementedError with the reason); none today.
+_NOT_BUILT: dict[str, str] = {}
 # Recurrent / SSM / short-convolution families: a clear "not supported" rather than "no linear layers".
 _OTHER_RECURRENT = frozenset({
     "mamba", "mamba2", "falcon_mamba", "falcon_h1", "bamba", "granitemoehybrid", "nemotron_h", "jamba", "zamba",
@@ -87,13 +93,30 @@ def _supported_text() -> str:
     return f"LASP-2 supports model types {sorted(LASP2_MODEL_TYPES)}"
 
 
+def _softmax_candidates(model: nn.Module, linear_cls: str) -> list[nn.Module]:
+    """Attention modules of the softmax layers: the usual ones (``q_proj``, ``head_dim``), and multi-head latent
+    attention (Kimi-Linear's MLA: ``kv_b_proj``, no ``head_dim``)."""
+    mla = [m for m in model.modules() if type(m).__name__ != linear_cls and hasattr(m, "kv_b_proj")
+           and hasattr(m, "o_proj") and isinstance(getattr(m, "layer_idx", None), int)]
+    return mla or [m for m in attention_modules(model, TECHNIQUE) if type(m).__name__ != linear_cls]
+
+
+def _kv_heads(model: nn.Module, softmax: list[nn.Module]) -> int:
+    """KV heads the softmax layers hand to the attention function: MLA expands its latent to one key and value per
+    query head; the others have ``num_key_value_heads``."""
+    text = text_config(model.config)
+    if any(hasattr(m, "kv_b_proj") for m in softmax):
+        return text.num_attention_heads
+    return getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+
+
 def lasp2_layers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """``(linear-attention modules, softmax-attention modules)`` of a supported model, or a clear error.
 
     Raises:
         UnsupportedModelError: not a supported linear-attention model (the message lists the supported types),
             a multimodal wrapper, a sliding window, or layers that do not match ``config.layer_types``.
-        NotImplementedError: a linear-attention type LASP-2 does not cover yet (Kimi-Linear), or MoE router
+        NotImplementedError: a linear-attention type LASP-2 does not cover yet (:data:`_NOT_BUILT`), or MoE router
             logits in the loss (their auxiliary loss would be computed per shard).
     """
     config = getattr(model, "config", None)
@@ -140,9 +163,11 @@ def lasp2_layers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
 
             raise UnsupportedModelError(f"{TECHNIQUE}: {cls} in transformers {transformers.__version__} has no "
                                         f"{missing}; this version's layer is not supported")
+        for name in HOST_FUNCTIONS.get(cls, ()):
+            host_function(m, name)
     softmax: list[nn.Module] = []
     if any(t in _SOFTMAX_LAYER_TYPES for t in layer_types):
-        softmax = [m for m in attention_modules(model, TECHNIQUE) if layer_types[m.layer_idx] in _SOFTMAX_LAYER_TYPES]
+        softmax = [m for m in _softmax_candidates(model, cls) if layer_types[m.layer_idx] in _SOFTMAX_LAYER_TYPES]
         if len(softmax) != sum(t in _SOFTMAX_LAYER_TYPES for t in layer_types):
             raise UnsupportedModelError(f"{TECHNIQUE}: found {len(softmax)} softmax-attention modules for "
                                         f"{sum(t in _SOFTMAX_LAYER_TYPES for t in layer_types)} full-attention layers")
@@ -202,8 +227,7 @@ def install(model: nn.Module, group: Any, rank: int, world: int, config: Sequenc
     undo: dict[str, Any] = {"linear": [], "ulysses": None}
     if softmax:
         text = text_config(model.config)
-        plan = HeadPlan.build(text.num_attention_heads, getattr(text, "num_key_value_heads", None)
-                              or text.num_attention_heads, world)
+        plan = HeadPlan.build(text.num_attention_heads, _kv_heads(model, softmax), world)
         state = ulysses._UlyssesState(plan, rank, group, LayoutCache(group, world), plan.local_kv_index(rank),
                                       config.attention)
         undo["ulysses"] = switch_attention(model, ulysses.ATTN_KEY, ulysses.ulysses_attention, ulysses.ulysses_mask,

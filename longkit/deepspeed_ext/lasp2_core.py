@@ -12,17 +12,24 @@ rounding: only the summation order changes).
 * Gated delta rule (Gated DeltaNet: Qwen3-Next, Qwen3.5):
   ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``; summary ``(M, A)`` with
   ``S_end = A S_in + M`` (``A`` is ``Dk x Dk`` per head).
+* Kimi delta attention (KDA, Kimi-Linear): the same with one gate per key channel,
+  ``S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T``; the same summary ``(M, A)``.
 
-The math of one chunk is :mod:`longkit.kernels.linear_attn`'s; this module adds the exchange and the combine.
+The math of one chunk is :mod:`longkit.kernels.linear_attn`'s, except KDA's: that is the host model's own chunked
+function (transformers' PyTorch path, or the kernel transformers routes it to); this module adds the exchange and
+the combine.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .lasp2_comm import LASP2Comm, prefix_state
 
-__all__ = ["combine_decay", "combine_transition", "lasp2_linear_attention", "lasp2_gated_delta_rule"]
+__all__ = ["combine_decay", "combine_transition", "lasp2_linear_attention", "lasp2_gated_delta_rule",
+           "lasp2_host_delta_rule"]
 
 
 def combine_decay(prefix: torch.Tensor, B: int, H: int, Dk: int, Dv: int) -> torch.Tensor:
@@ -109,4 +116,39 @@ def lasp2_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         summary = torch.cat([state.float().reshape(B, H, Dk * Dv), trans.float().reshape(B, H, Dk * Dk)], dim=-1)
         init = prefix_state(summary, lambda p: combine_transition(p, B, H, Dk, Dv), comm, layer)
     out, _ = la.gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=init, chunk_size=chunk_size)
+    return out
+
+
+def lasp2_host_delta_rule(chunk_fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]], q: torch.Tensor,
+                          k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *,
+                          comm: LASP2Comm | None, layer: int) -> torch.Tensor:
+    """This rank's rows of a delta rule computed by the host model's own chunked function (Kimi-Linear's KDA).
+
+    ``chunk_fn(q, k, v, g, beta, initial_state=..., output_final_state=..., use_qk_l2norm_in_kernel=True)`` works in
+    the host's layout (``[B, T, H, D]``, state ``[B, H, Dk, Dv]``), as transformers' ``chunk_kimi_delta_attention``.
+    The summary costs one extra call: the final state is linear in the initial one, so the chunk run on the values
+    ``[v, 0]`` from the initial state ``[0, I]`` (value dims ``Dv + Dk``) ends in ``[M, A]``: ``M`` the state the
+    chunk leaves from zero, ``A`` its transition.
+
+    Args:
+        chunk_fn: the host's chunked function.
+        q, k: ``[B, T_local, H, Dk]``; v: ``[B, T_local, H, Dv]``; g: ``[B, T_local, H, Dk]`` log gates;
+            beta: ``[B, T_local, H]``.
+        comm, layer: as in :func:`lasp2_linear_attention`.
+
+    Returns:
+        ``o [B, T_local, H, Dv]`` as ``chunk_fn`` returns it.
+    """
+    init = None
+    if comm is not None and comm.world > 1:
+        B, _, H, Dk = k.shape
+        Dv = v.shape[-1]
+        eye = torch.eye(Dk, dtype=torch.float32, device=k.device).expand(B, H, Dk, Dk)
+        start = torch.cat([eye.new_zeros(B, H, Dk, Dv), eye], dim=-1)
+        _, end = chunk_fn(q, k, torch.cat([v, v.new_zeros(*v.shape[:3], Dk)], dim=-1), g, beta,
+                          initial_state=start, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        M, A = end.float().split([Dv, Dk], dim=-1)
+        summary = torch.cat([M.reshape(B, H, Dk * Dv), A.reshape(B, H, Dk * Dk)], dim=-1)
+        init = prefix_state(summary, lambda p: combine_transition(p, B, H, Dk, Dv), comm, layer)
+    out, _ = chunk_fn(q, k, v, g, beta, initial_state=init, output_final_state=False, use_qk_l2norm_in_kernel=True)
     return out

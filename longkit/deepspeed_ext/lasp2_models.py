@@ -12,6 +12,10 @@ with the recurrence run by :mod:`.lasp2_core` from the state the earlier ranks l
   depthwise convolution over time (kernel ``K``; under sequence parallelism each rank first receives the last
   ``K - 1`` convolution inputs of the previous rank), silu, q/k L2-normalised in fp32 (eps 1e-6), the gated
   delta rule with scale ``Dk ** -0.5`` in fp32, gated RMSNorm, output projection.
+* ``KimiLinearDeltaAttention`` (``kimi_linear``): q/k/v projections, one causal depthwise convolution over their
+  concatenation (halo as above), silu, the forget gate (one log gate per head and key channel) and ``beta``, Kimi
+  delta attention by transformers' own ``chunk_kimi_delta_attention`` (q/k L2-normalised inside, fp32, scale
+  ``Dk ** -0.5``) with :func:`~.lasp2_core.lasp2_host_delta_rule`'s state passing, gated RMSNorm, output projection.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from .lasp2_comm import LASP2Comm, halo_from_previous
-from .lasp2_core import lasp2_gated_delta_rule, lasp2_linear_attention
+from .lasp2_core import lasp2_gated_delta_rule, lasp2_host_delta_rule, lasp2_linear_attention
 
 __all__ = ["STATE_ATTR", "LinearLayerState", "LINEAR_LAYER_FORWARDS", "REQUIRED_ATTRS", "lightning_forward",
-           "gated_delta_net_forward"]
+           "gated_delta_net_forward", "kimi_delta_forward", "host_function", "HOST_FUNCTIONS"]
 
 STATE_ATTR = "_longkit_lasp2"
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "seq_idx")
@@ -159,6 +163,38 @@ def gated_delta_net_forward(self: nn.Module, hidden_states: torch.Tensor, cache_
     return self.out_proj(out)
 
 
+def host_function(module: nn.Module, name: str) -> Any:  # noqa: ANN401
+    """``name`` from the transformers module that defines ``module``'s class (so the host's own function runs)."""
+    import sys
+
+    fn = getattr(sys.modules[type(module).__module__], name, None)
+    if fn is None:
+        import transformers
+
+        raise UnsupportedModelError(f"LASP-2: {type(module).__module__} in transformers {transformers.__version__} "
+                                    f"has no {name}; this version's {type(module).__name__} is not supported")
+    return fn
+
+
+def kimi_delta_forward(self: nn.Module, hidden_states: torch.Tensor, cache_params: Any = None,  # noqa: ANN401
+                       attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # noqa: ANN401
+    """``KimiLinearDeltaAttention.forward`` on this rank's chunk."""
+    state = _state(self)
+    _refuse(self, cache_params, kwargs)
+    hidden_states = _mask_padding(hidden_states, attention_mask)
+    B, T, _ = hidden_states.shape
+    shape = (B, T, -1, self.head_dim)
+    mixed = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
+    mixed = _causal_conv(self, mixed.transpose(1, 2), state.comm).transpose(1, 2)
+    q, k, v = (x.reshape(shape) for x in torch.split(mixed, [self.qkv_dim] * 3, dim=-1))
+    g = self.forget_gate(hidden_states)  # [B, T, H, Dk] log gates (fp32), through the module: its hooks fire
+    beta = torch.sigmoid(self.b_proj(hidden_states))
+    out = lasp2_host_delta_rule(host_function(self, "chunk_kimi_delta_attention"), q, k, v, g, beta,
+                                comm=state.comm, layer=self.layer_idx)
+    gate = self.g_b_proj(self.g_a_proj(hidden_states)).reshape(shape)
+    return self.o_proj(self.o_norm(out, gate).reshape(B, T, -1))
+
+
 # Layer class name -> its LASP-2 forward; REQUIRED_ATTRS: what that forward reads (checked before patching, so a
 # transformers release that renames one fails at install with the name, not mid-step).
 LINEAR_LAYER_FORWARDS = {
@@ -166,6 +202,7 @@ LINEAR_LAYER_FORWARDS = {
     "Qwen3NextGatedDeltaNet": gated_delta_net_forward,
     "Qwen3_5GatedDeltaNet": gated_delta_net_forward,
     "Qwen3_5MoeGatedDeltaNet": gated_delta_net_forward,
+    "KimiLinearDeltaAttention": kimi_delta_forward,
 }
 _GDN = ("layer_idx", "conv1d", "activation", "A_log", "dt_bias", "norm", "out_proj", "head_k_dim", "head_v_dim",
         "key_dim", "value_dim", "num_k_heads", "num_v_heads")
@@ -175,4 +212,8 @@ REQUIRED_ATTRS = {
     "Qwen3NextGatedDeltaNet": _GDN + ("in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering"),
     "Qwen3_5GatedDeltaNet": _GDN + ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
     "Qwen3_5MoeGatedDeltaNet": _GDN + ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+    "KimiLinearDeltaAttention": ("layer_idx", "head_dim", "qkv_dim", "q_proj", "k_proj", "v_proj", "conv1d",
+                                 "activation", "forget_gate", "b_proj", "g_a_proj", "g_b_proj", "o_norm", "o_proj"),
 }
+# Functions of the layer's transformers module that its LASP-2 forward calls (checked at install, like REQUIRED_ATTRS).
+HOST_FUNCTIONS = {"KimiLinearDeltaAttention": ("chunk_kimi_delta_attention",)}

@@ -92,11 +92,16 @@ def ulysses_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise UnsupportedModelError("longkit.sequence_parallel.attention='sdpa' takes plain causal rows only; "
                                     "packed documents or padding need 'kernel' or 'auto'")
     else:
+        Dv = v.shape[-1]
+        if Dv != D:  # multi-head latent attention: the kernel takes one head dim, and zero channels change nothing
+            scaling = scaling if scaling is not None else D ** -0.5
+            q, k, v = F.pad(q, (0, max(D, Dv) - D)), F.pad(k, (0, max(D, Dv) - D)), F.pad(v, (0, max(D, Dv) - Dv))
         if layout.flatten:  # rows -> one packed row (documents mask is single-row)
-            q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], B * T, D) for x in (q, k, v))
+            q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], B * T, x.shape[-1]) for x in (q, k, v))
         out = masked_attention(q, k, v, mask=layout.mask, scale=scaling)
         if layout.flatten:
-            out = out.reshape(h, B, T, D).transpose(0, 1)
+            out = out.reshape(h, B, T, out.shape[-1]).transpose(0, 1)
+        out = out[..., :Dv]
     out = heads_to_seq(out, state.plan, state.rank, state.group)
     return out.transpose(1, 2).contiguous(), None
 

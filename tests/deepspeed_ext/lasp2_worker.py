@@ -38,6 +38,12 @@ TINY = {
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
                     dict(_GDN, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
                          shared_expert_intermediate_size=32)),
+    # Kimi-Linear: KDA layers (4 heads of 16, conv kernel 4), MLA softmax layers (no q LoRA), MoE after layer 0
+    "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM",
+                    dict(num_key_value_heads=4, linear_num_heads=4, linear_head_dim=16, linear_conv_kernel_dim=4,
+                         kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                         num_local_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, n_group=1,
+                         topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 
 
@@ -203,6 +209,10 @@ MODEL_SCENARIOS = {
     "minimax_z1": ("minimax", "plain", 1, 64, 1, "lasp2", {}),
     "qwen3_next_z2": ("qwen3_next", "plain", 1, 64, 2, "lasp2", {}),
     "qwen3_5_z3": ("qwen3_5", "plain", 1, 64, 3, "auto", {}),
+    "kimi_linear": ("kimi_linear", "plain", 2, 64, None, "lasp2", {}),
+    "kimi_linear_left_pad": ("kimi_linear", "left_pad", 2, 62, None, "auto", {}),
+    # MLA value heads narrower than query/key heads (Kimi-Linear: 128 vs 192), padded rows: Ulysses' kernel path
+    "kimi_linear_mla_dims": ("kimi_linear", "right_pad", 2, 64, None, "lasp2", {"v_head_dim": 8}),
 }
 
 
@@ -365,7 +375,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     special = {"ops": lambda: ops((rank, world)), "bytes": bytes_vs_length, "errors": errors,
                "broken_state": lambda: run_model("qwen3_next", broken="no_state"),
-               "broken_halo": lambda: run_model("qwen3_next", broken="no_halo")}
+               "broken_halo": lambda: run_model("qwen3_next", broken="no_halo"),
+               "broken_state_kimi": lambda: run_model("kimi_linear", broken="no_state")}
     results = {}
     for name in names:
         try:

@@ -1,4 +1,4 @@
-"""LASP-2 / LASP-2H on 2 and 4 gloo processes vs one process (tiny random MiniMax, Qwen3-Next, Qwen3.5 models).
+"""LASP-2 / LASP-2H on 2 and 4 gloo processes vs one process (tiny random MiniMax, Qwen3-Next, Qwen3.5, Kimi-Linear).
 
 One ``torch.distributed.run`` launch per world size runs every scenario (``lasp2_worker.py``); each test checks
 one scenario's numbers on every rank.
@@ -27,9 +27,9 @@ from lasp2_worker import MODEL_SCENARIOS  # noqa: E402
 pytest.importorskip("transformers")
 
 LOSS_FLOOR, GRAD_FLOOR, OP_FLOOR = 2e-6, 2e-5, 1e-6
-TWO_PROC = ["ops", *MODEL_SCENARIOS, "broken_state", "broken_halo", "bytes", "errors"]
-FOUR_PROC = ["ops", "minimax", "qwen3_next", "qwen3_5_right_pad", "minimax_left_pad_uneven", "broken_state",
-             "bytes", "errors"]
+TWO_PROC = ["ops", *MODEL_SCENARIOS, "broken_state", "broken_halo", "broken_state_kimi", "bytes", "errors"]
+FOUR_PROC = ["ops", "minimax", "qwen3_next", "qwen3_5_right_pad", "minimax_left_pad_uneven", "kimi_linear",
+             "broken_state", "bytes", "errors"]
 
 
 def _launch(tmp_path_factory, world: int, names: list[str]) -> tuple[int, list[dict]]:
@@ -107,13 +107,14 @@ def test_model_matches_one_process_2(two, name):
     _check_model(two, name)
 
 
-@pytest.mark.parametrize("name", ["minimax", "qwen3_next", "qwen3_5_right_pad", "minimax_left_pad_uneven"])
+@pytest.mark.parametrize("name", ["minimax", "qwen3_next", "qwen3_5_right_pad", "minimax_left_pad_uneven",
+                                  "kimi_linear"])
 def test_model_matches_one_process_4(four, name):
     _check_model(four, name)
 
 
 @pytest.mark.parametrize("results, name", [("two", "broken_state"), ("two", "broken_halo"),
-                                           ("four", "broken_state")])
+                                           ("two", "broken_state_kimi"), ("four", "broken_state")])
 def test_broken_variants_are_caught(results, name, request):
     """The model tests can fail: without the state exchange or the convolution halo the gradients are far off."""
     for seed, rank, _, r in _runs(request.getfixturevalue(results), name):

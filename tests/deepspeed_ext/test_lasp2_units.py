@@ -201,11 +201,10 @@ def _kimi():
 
 @pytest.mark.parametrize("mode", ["lasp2", "auto"])
 @pytest.mark.parametrize("build, exc, words", [
-    (_mamba2, UnsupportedModelError, "LASP-2 supports model types ['minimax', 'qwen3_5_moe_text', 'qwen3_5_text', "
-                                     "'qwen3_next']; 'mamba2' is a linear-attention / state-space model (layer "
-                                     "types ['linear_attention'])"),
+    (_mamba2, UnsupportedModelError, "LASP-2 supports model types ['kimi_linear', 'minimax', 'qwen3_5_moe_text', "
+                                     "'qwen3_5_text', 'qwen3_next']; 'mamba2' is a linear-attention / state-space "
+                                     "model (layer types ['linear_attention'])"),
     (_lfm2, UnsupportedModelError, "'lfm2' is a linear-attention / state-space model without a LASP-2 adapter"),
-    (_kimi, NotImplementedError, "LASP-2 for 'kimi_linear' is not built: its KimiLinearDeltaAttention (KDA)"),
     (lambda: tiny_linear_model("minimax", output_router_logits=True), NotImplementedError,
      "output_router_logits=True"),
     (lambda: tiny_linear_model("minimax", sliding_window=16), UnsupportedModelError, "sliding window of 16"),
@@ -218,6 +217,20 @@ def test_unsupported_models_raise(build, exc, words, mode):
         lasp2.install(model, None, 0, 2, SequenceParallelConfig(mode, 2))
     assert words in str(e.value)
     assert not any("forward" in m.__dict__ for m in model.modules())  # nothing half-installed
+
+
+def test_kimi_without_its_host_function_raises(monkeypatch):
+    """Kimi-Linear's LASP-2 forward calls transformers' own chunk_kimi_delta_attention: a release without it is
+    refused at install, naming the function, with nothing half-installed."""
+    from transformers.models.kimi_linear import modeling_kimi_linear
+
+    from longkit.deepspeed_ext import lasp2
+
+    model = _kimi()
+    monkeypatch.delattr(modeling_kimi_linear, "chunk_kimi_delta_attention")
+    with pytest.raises(UnsupportedModelError, match="has no chunk_kimi_delta_attention"):
+        lasp2.install(model, None, 0, 2, SequenceParallelConfig("lasp2", 2))
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_comm_stats_summaries():
