@@ -22,8 +22,9 @@ ranks of a sequence-parallel group by the ``"longkit"`` section of the DeepSpeed
 ``--activation-offload`` adds ``"activation_offload": {}`` to the config's ``"longkit"`` section (saved tensors of
 each layer to host memory); ``--tiled-loss`` applies ``longkit.apply_patches(model, tiled_loss=True)`` (the LM head
 and loss in token tiles: no ``[tokens, vocab]`` logits), ``--tiled-mlp`` ``apply_patches(model, tiled_mlp=True)``
-(each MLP in token tiles, recomputed in backward). ``--model tiny-minimax`` / ``tiny-qwen3.5`` are tiny random
-linear-attention hybrids (lightning attention / Gated DeltaNet layers between softmax layers) for
+(each MLP in token tiles, recomputed in backward). ``--model tiny-minimax`` / ``tiny-qwen3.5`` /
+``tiny-kimi-linear`` are tiny random linear-attention hybrids (lightning attention / Gated DeltaNet / Kimi delta
+attention layers between softmax layers) for
 ``"sequence_parallel": {"mode": "lasp2"}`` (``recipes/configs/lasp2_sp2_zero2.json``): the linear layers pass their
 state between ranks (LASP-2), the softmax layers use Ulysses. The longest length each reaches on a GPU is measured by
 ``benchmarks/offload.py`` and ``benchmarks/tiled_loss.py``.
@@ -58,6 +59,10 @@ TINY_HYBRIDS = {
                                                                  block_size=64)),
     "tiny-qwen3.5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)),
+    "tiny-kimi-linear": ("KimiLinearConfig", "KimiLinearForCausalLM", dict(
+        linear_num_heads=4, linear_head_dim=32, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16,
+        qk_nope_head_dim=16, v_head_dim=32, num_local_experts=2, num_experts_per_tok=1, moe_intermediate_size=64,
+        n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 
 
@@ -122,8 +127,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     ap.add_argument("--config", default=str(HERE / "configs" / "ulysses_sp2_zero2.json"),
                     help="DeepSpeed JSON config with a \"longkit\" section")
     ap.add_argument("--model", default="tiny", help="'tiny' (random Llama, byte vocabulary), 'tiny-minimax' / "
-                                                    "'tiny-qwen3.5' (random linear-attention hybrids, for mode "
-                                                    "lasp2), 'default' (SmolLM2) or a model directory")
+                                                    "'tiny-qwen3.5' / 'tiny-kimi-linear' (random linear-attention "
+                                                    "hybrids, for mode lasp2), 'default' (SmolLM2) or a model "
+                                                    "directory")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--response-len", type=int, default=256, help="trained tokens at the end of each sample")
     ap.add_argument("--steps", type=int, default=4)

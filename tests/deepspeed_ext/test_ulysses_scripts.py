@@ -57,9 +57,9 @@ def test_long_context_sft_recipe_with_offload_and_tiled_loss(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
 
 
-def _recipe_losses(tmp_path: Path, nproc: int, port: int, *extra: str) -> list[float]:
+def _recipe_losses(tmp_path: Path, nproc: int, port: int, *extra: str, model: str = "tiny-minimax") -> list[float]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           str(ROOT / "recipes" / "long_context_sft.py"), "--model", "tiny-minimax", "--config",
+           str(ROOT / "recipes" / "long_context_sft.py"), "--model", model, "--config",
            str(ROOT / "recipes" / "configs" / "lasp2_sp2_zero2.json"), "--steps", "3", "--seq-len", "512",
            "--response-len", "128", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -67,10 +67,11 @@ def _recipe_losses(tmp_path: Path, nproc: int, port: int, *extra: str) -> list[f
     return [float(line.split("loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "loss " in line]
 
 
-def test_long_context_sft_recipe_lasp2_matches_one_process(tmp_path):
-    """The LASP-2 command of the recipe (tiny MiniMax-style hybrid, 2 gloo processes, mode lasp2): the same losses,
-    step after step, as one process on the same samples (the weights follow the same updates)."""
-    two = _recipe_losses(tmp_path, 2, 29645)
-    one = _recipe_losses(tmp_path, 1, 29647, "--sp-size", "1")
+@pytest.mark.parametrize("model, port", [("tiny-minimax", 29645), ("tiny-kimi-linear", 29651)])
+def test_long_context_sft_recipe_lasp2_matches_one_process(tmp_path, model, port):
+    """The LASP-2 command of the recipe (tiny MiniMax-style and Kimi-Linear hybrids, 2 gloo processes, mode lasp2):
+    the same losses, step after step, as one process on the same samples (the weights follow the same updates)."""
+    two = _recipe_losses(tmp_path, 2, port, model=model)
+    one = _recipe_losses(tmp_path, 1, port + 2, "--sp-size", "1", model=model)
     assert len(two) == len(one) == 3 and two[-1] < two[0], (one, two)
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-3, (one, two)
