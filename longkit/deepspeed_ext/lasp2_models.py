@@ -99,6 +99,14 @@ def lightning_forward(self: nn.Module, hidden_states: torch.Tensor, position_emb
     return self.out_proj(out), None
 
 
+def _prologue(module: nn.Module, hidden_states: torch.Tensor, cache: Any,  # noqa: ANN401
+              attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[LinearLayerState, torch.Tensor]:
+    """The start of the delta-rule layers' forwards: their state, the refusals, padding zeroed."""
+    state = _state(module)
+    _refuse(module, cache, kwargs)
+    return state, _mask_padding(hidden_states, attention_mask)
+
+
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     # transformers' (and fla's) form, in fp32: x / sqrt(sum(x^2) + eps).
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
@@ -131,9 +139,7 @@ def _causal_conv(module: nn.Module, x: torch.Tensor, comm: LASP2Comm) -> torch.T
 def gated_delta_net_forward(self: nn.Module, hidden_states: torch.Tensor, cache_params: Any = None,  # noqa: ANN401
                             attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # noqa: ANN401
     """``Qwen3NextGatedDeltaNet.forward`` / ``Qwen3_5GatedDeltaNet.forward`` on this rank's chunk."""
-    state = _state(self)
-    _refuse(self, cache_params, kwargs)
-    hidden_states = _mask_padding(hidden_states, attention_mask)
+    state, hidden_states = _prologue(self, hidden_states, cache_params, attention_mask, kwargs)
     B, T, _ = hidden_states.shape
     Dk, Dv = self.head_k_dim, self.head_v_dim
     if hasattr(self, "in_proj_qkvz"):  # Qwen3-Next: fused, head-interleaved projections
@@ -179,9 +185,7 @@ def host_function(module: nn.Module, name: str) -> Any:  # noqa: ANN401
 def kimi_delta_forward(self: nn.Module, hidden_states: torch.Tensor, cache_params: Any = None,  # noqa: ANN401
                        attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # noqa: ANN401
     """``KimiLinearDeltaAttention.forward`` on this rank's chunk."""
-    state = _state(self)
-    _refuse(self, cache_params, kwargs)
-    hidden_states = _mask_padding(hidden_states, attention_mask)
+    state, hidden_states = _prologue(self, hidden_states, cache_params, attention_mask, kwargs)
     B, T, _ = hidden_states.shape
     shape = (B, T, -1, self.head_dim)
     mixed = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
