@@ -32,7 +32,8 @@ Design choices, measured where a number is given:
   D=128: 48 code bytes + 2).
 * Prefill attends to its own fresh tokens in full precision and quantizes them afterwards
   (:func:`quantized_prefill_attention`): cheaper (the dense kernel) and more accurate, as in KIVI and TurboQuant.
-* Keys are rotated once, at write; the decode query is projected and rotated in PyTorch (``O(D log D)``).
+* Keys are rotated once, at write; the decode query is projected and rotated in PyTorch (a decode step's few rows: one
+  fp64 matmul; longer chunks: ``log2(D)`` butterfly steps).
 * Pruned keys are rotated within the kept channels (rotation after the choice, which is made in the original
   channel basis, where ThinK's magnitudes mean something).
 """
