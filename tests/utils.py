@@ -17,11 +17,14 @@ _CONFIGS = {
 
 
 def tiny_model(model_type: str = "llama", dtype: torch.dtype = torch.float32, **overrides):
-    """A 2-layer GQA model of ``model_type`` with random weights, in eval mode."""
+    """A 2-layer GQA model of ``model_type`` with random weights, in eval mode, without an EOS token for
+    ``generate()``: a random model emits its config's EOS id now and then, and a run that stops early makes a
+    length check depend on the seed (tests that need EOS set ``model.generation_config.eos_token_id``)."""
     cfg_name, model_name, extra = _CONFIGS[model_type]
     cfg = getattr(transformers, cfg_name)(**{**TINY, **extra, **overrides})
     cfg._attn_implementation = "sdpa"
     model = getattr(transformers, model_name)(cfg).to(dtype).eval()
+    model.generation_config.eos_token_id = None
     return model
 
 

@@ -6,7 +6,8 @@ one scenario's numbers on every rank.
 Tolerances (the repository's rule: at most twice PyTorch's own error): every number is compared with the same
 computation in fp64 on one process. The sequence-parallel result may be at most twice as far from it as the
 one-process fp32 run (transformers' own model, or the kernels on the whole sequence), plus a noise floor of
-2e-6 x |loss| for losses and 2e-5 x the largest gradient for gradients (1e-6 x the largest value for the ops).
+2e-6 x |loss| for losses and 2e-5 x the largest gradient for gradients (1e-6 x the largest value for the ops; 1e-5
+for the per-head decay's gradient, a sum over every token, see SUM_FLOOR).
 The deliberately broken variants (no state passing, no convolution halo) must miss that bound by 10x.
 """
 
@@ -27,6 +28,10 @@ from lasp2_worker import MODEL_SCENARIOS  # noqa: E402
 pytest.importorskip("transformers")
 
 LOSS_FLOOR, GRAD_FLOOR, OP_FLOOR = 2e-6, 2e-5, 1e-6
+# The per-head decay's gradient is one sum over every (row, token, Dk, Dv) term (8k of them in the op test), added in
+# another order under sequence parallelism (per rank, then across ranks): its fp32 rounding is about sqrt(terms) x
+# eps relative, and the one-process error alone was measured at 4e-6 relative (seed 37731, T=160): a floor of 1e-5.
+SUM_FLOOR = {"log_decay": 1e-5}
 TWO_PROC = ["ops", *MODEL_SCENARIOS, "broken_state", "broken_halo", "broken_state_kimi", "bytes", "errors"]
 FOUR_PROC = ["ops", "minimax", "qwen3_next", "qwen3_5_right_pad", "minimax_left_pad_uneven", "kimi_linear",
              "broken_state", "bytes", "errors"]
@@ -69,7 +74,7 @@ def _check_ops(results) -> None:
         for key, r in res.items():
             kind = key.split("_")[0]
             for name, err in r["errs"].items():
-                bound = 2 * r["one_process_errs"][name] + OP_FLOOR * r["scales"][name]
+                bound = 2 * r["one_process_errs"][name] + SUM_FLOOR.get(name, OP_FLOOR) * r["scales"][name]
                 assert err <= bound, (seed, rank, key, name, err, bound)
             if rank > 0:  # the test can fail: restarting each chunk from a zero state is far outside the bound
                 assert r["no_state_err"] > 1e3 * (2 * r["one_process_errs"]["out"] + OP_FLOOR * r["scales"]["out"])
