@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> Path:
         device, tag = "cpu", "cpu_dry_run"
         args.batch, args.seqlens, args.hd, args.heads, args.kv_heads = [1, 2], [64, 128], [64], 4, 2
         bench: Callable[[Callable[[], object]], float] = cpu_bench
+        graph_bench: Callable[[Callable[[], object]], float] | None = None
     else:
         if not torch.cuda.is_available():
             raise SystemExit("needs a CUDA GPU (or --dry-run for a CPU check of the script)")
@@ -222,12 +223,12 @@ def main(argv: list[str] | None = None) -> Path:
         def bench(fn: Callable[[], object]) -> float:
             return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
-        if not args.no_graph:
-            def graph_bench(fn: Callable[[], object]) -> float:
-                return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+        def cuda_graph_bench(fn: Callable[[], object]) -> float:
+            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+        graph_bench = None if args.no_graph else cuda_graph_bench
 
     copy_gbs = copy_bandwidth(device, bench)
-    graph_bench = None if args.dry_run or args.no_graph else graph_bench
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows: list[dict[str, Any]] = []
     first = True

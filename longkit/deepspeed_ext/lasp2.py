@@ -66,8 +66,6 @@ LASP2_MODEL_TYPES: dict[str, str] = {
     "qwen3_5_moe_text": "Qwen3_5MoeGatedDeltaNet",
     "kimi_linear": "KimiLinearDeltaAttention",
 }
-# model_type -> why LASP-2 does not cover its linear layers yet (a NotImplementedError with the reason); none today.
-_NOT_BUILT: dict[str, str] = {}
 # Recurrent / SSM / short-convolution families: a clear "not supported" rather than "no linear layers".
 _OTHER_RECURRENT = frozenset({
     "mamba", "mamba2", "falcon_mamba", "falcon_h1", "bamba", "granitemoehybrid", "nemotron_h", "jamba", "zamba",
@@ -83,7 +81,7 @@ def _recurrent_layer_types(config: Any) -> list[str]:  # noqa: ANN401
 def has_linear_layers(model: nn.Module) -> bool:
     """Whether ``model`` has linear-attention / recurrent layers (so ``mode: "auto"`` means LASP-2 for it)."""
     mtype = model_type(model)
-    if mtype in LASP2_MODEL_TYPES or mtype in _NOT_BUILT or mtype in _OTHER_RECURRENT:
+    if mtype in LASP2_MODEL_TYPES or mtype in _OTHER_RECURRENT:
         return True
     config = getattr(model, "config", None)
     return config is not None and bool(_recurrent_layer_types(text_config(config)))
@@ -116,16 +114,12 @@ def lasp2_layers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     Raises:
         UnsupportedModelError: not a supported linear-attention model (the message lists the supported types),
             a multimodal wrapper, a sliding window, or layers that do not match ``config.layer_types``.
-        NotImplementedError: a linear-attention type LASP-2 does not cover yet (:data:`_NOT_BUILT`), or MoE router
-            logits in the loss (their auxiliary loss would be computed per shard).
+        NotImplementedError: MoE router logits in the loss (their auxiliary loss would be computed per shard).
     """
     config = getattr(model, "config", None)
     mtype = model_type(model)
     if config is None or mtype is None:
         raise UnsupportedModelError(f"{TECHNIQUE}: {type(model).__name__} is not a transformers model")
-    if mtype in _NOT_BUILT:
-        raise NotImplementedError(f"{TECHNIQUE} for {mtype!r} is not built: {_NOT_BUILT[mtype]}. "
-                                  f"{_supported_text()}")
     if mtype not in LASP2_MODEL_TYPES:
         recurrent = _recurrent_layer_types(text_config(config))
         if recurrent or mtype in _OTHER_RECURRENT:

@@ -3,9 +3,8 @@
 Inputs are checked by ``interface.py``. The query is projected to the kept key channels, rotated and (with QJL)
 sketched in PyTorch (fp32; for a decode step's few rows the rotation is one fp64 matmul, not ``log2(D)`` butterfly
 steps), then permuted into the kernels' tile order and cast to the compute dtype (the query's; fp32 stays fp32 with
-IEEE dots). Splits: each (row, KV head)
-is cut into ``num_splits`` ranges of whole ``BLOCK_N`` tiles, enough to give every SM ``PROGRAMS_PER_SM``
-programs, but no split shorter than ``MIN_SPLIT`` tokens.
+IEEE dots). Splits: each (row, KV head) is cut into ``num_splits`` ranges of whole ``BLOCK_N`` tiles, enough to give
+every SM ``PROGRAMS_PER_SM`` programs, but no split shorter than ``MIN_SPLIT`` tokens.
 """
 
 from __future__ import annotations
@@ -202,7 +201,8 @@ def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: K
         prec = 1
     else:
         prec = 2 if q.dtype == torch.bfloat16 and envs.triton_interpreting() else 0
-    q_rot, q_sk = _prepare_query(q, spec, state)
+    few = _few_rows(q)
+    q_rot, q_sk = naive.prepare_query(q, spec, state, (lambda x: _rotate_rows(x, state, "key")) if few else None)
     qt = tile_order(q_rot, spec.key_bits).to(q.dtype).contiguous()
     qs = tile_order(q_sk, 1).to(q.dtype).contiguous() if spec.qjl else qt
     cfg = _decode_config(G, Tq, D, q.dtype == torch.float32)
@@ -253,8 +253,7 @@ def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: K
         Hq, Tq, splits, D=D, D_PAD=triton.next_power_of_2(D), SPLITS_PAD=triton.next_power_of_2(splits),
     )
     if spec.rotate:
-        out = _rotate_rows(out, state, "value", inverse=True) if _few_rows(out) else naive.unrotate(
-            out, state.value_signs)
+        out = _rotate_rows(out, state, "value", inverse=True) if few else naive.unrotate(out, state.value_signs)
     return out.to(q.dtype), lse
 
 
@@ -290,14 +289,3 @@ def _rotate_rows(x: torch.Tensor, state: KVQuantState, which: str, inverse: bool
     y = x.double().reshape(B, r.shape[0], (H // r.shape[0]) * T, n) @ r  # head h uses KV head h // (H / Hkv)
     return y.reshape(B, H, T, n).float()
 
-
-def _prepare_query(q: torch.Tensor, spec: KVQuantSpec, state: KVQuantState
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``naive.prepare_query``, with the rotation as a matmul for a decode step's few rows."""
-    if not (spec.rotate and _few_rows(q)):
-        return naive.prepare_query(q, spec, state)
-    x = q.float()
-    if state.prunes:
-        x = naive._gather_channels(x, naive._kept(state))
-    x = _rotate_rows(x, state, "key")
-    return x, (x @ state.qjl_matrix.t() if spec.qjl else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -188,9 +189,13 @@ def _gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, idx[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1))
 
 
-def prepare_query(q: torch.Tensor, spec: KVQuantSpec, state: KVQuantState
+def prepare_query(q: torch.Tensor, spec: KVQuantSpec, state: KVQuantState,
+                  rotate_keys: Callable[[torch.Tensor], torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The query as the packed keys see it, in fp32: kept channels, then rotation; plus its QJL projection.
+
+    ``rotate_keys``: another form of the same rotation (the launcher's matmul for a decode step's few rows);
+    default :func:`rotate` with the state's key signs.
 
     Returns:
         ``(q_rot [B, Hq, Tq, Dk], q_sketch [B, Hq, Tq, m] or None)`` with ``q_sketch = q_rot @ Sᵀ``.
@@ -199,7 +204,7 @@ def prepare_query(q: torch.Tensor, spec: KVQuantSpec, state: KVQuantState
     if state.prunes:
         x = _gather_channels(x, _kept(state))
     if spec.rotate:
-        x = rotate(x, state.key_signs)
+        x = rotate_keys(x) if rotate_keys is not None else rotate(x, state.key_signs)
     sketch = x @ state.qjl_matrix.t() if spec.qjl else None
     return x, sketch
 
