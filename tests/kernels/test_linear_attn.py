@@ -64,13 +64,14 @@ def run(fn: Callable, tensors: dict[str, torch.Tensor | None], **kwargs) -> dict
 
 
 def compare(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor], tol: float,
-            lowprec: dict[str, torch.Tensor] | None = None) -> None:
-    """Every output / grad: within ``tol`` relative to the reference's largest entry (plus, with ``lowprec``,
-    twice the low-precision reference's own error)."""
+            lowprec: dict[str, torch.Tensor] | None = None, scale: dict[str, float] | None = None) -> None:
+    """Every output / grad: within ``tol`` relative to the reference's largest entry (or to ``scale[name]`` where
+    given), plus, with ``lowprec``, twice the low-precision reference's own error."""
     assert ref.keys() == out.keys(), (sorted(ref), sorted(out))
     for name in ref:
         r = ref[name].double()
-        floor = tol * max(1.0, r.abs().max().item())
+        size = (scale or {}).get(name, r.abs().max().item())
+        floor = tol * max(1.0, size)
         assert_close(name, r, out[name].double(), atol_floor=floor,
                      lowprec_ref=None if lowprec is None else lowprec[name])
 
@@ -148,7 +149,17 @@ def test_triton_matches_reference(T: int, Dk: int, Dv: int, decay: str, with_h0:
     ref = run(linear_attention, x64, impl="naive", **kw)           # fp64 chunked (== recurrence, tested above)
     low = run(linear_attention, x32, impl="naive", **kw)           # PyTorch's own fp32 error
     tri = run(linear_attention, x32, impl="triton", **kw)
-    compare(ref, tri, 2e-6, lowprec=low)
+    compare(ref, tri, 2e-6, lowprec=low, scale=head_decay_grad_scale(x64, **kw) if decay == "head" else None)
+
+
+def head_decay_grad_scale(x: dict, **kw) -> dict[str, float]:
+    """A per-head decay's gradient is the sum of the per-token decay gradients over every batch row and token. fp32
+    rounds each term, so its error scales with the sum of their magnitudes, which can be tens of times the (partly
+    cancelling) total: measured over 150 seeds, |error| <= 4e-7 x that sum, but up to 1.6e-5 x the total."""
+    b, h, t = x["q"].shape[:3]
+    per_token = dict(x, log_decay=x["log_decay"][None, :, None].expand(b, h, t).contiguous())
+    grads = run(linear_attention, per_token, impl="naive", **kw)["dlog_decay"]
+    return {"dlog_decay": grads.abs().sum(dim=(0, 2)).max().item()}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
