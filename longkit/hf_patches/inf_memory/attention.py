@@ -238,46 +238,65 @@ def _prefill(layer: MemoryLayer, query: torch.Tensor, key: torch.Tensor, value: 
 
 
 # ---------------------------------------------------------------------------------------------- decode
+def _decode_tables(sh: Any, st: MemoryState, inv_freq: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """This step's tables, identical for every layer, computed by the first layer that asks (device ops only):
+    the sinks' and the memory's rotations, the query's memory-branch rotation, the attention mask of the sinks and
+    ring, and the band of the representatives' softmax."""
+    memo = sh.fwd.get("tables")
+    if memo is not None:
+        return memo
+    s, r, bs, n_local, lm = sh.n_sink, sh.ring, st.cfg.block_size, st.lm.n_local, st.lm
+    pc = sh.step["q"][:, None]  # [B, 1] position of the new token
+    sp = sh.pos[:, :s]
+    # sinks: LM-Infinite's rule (distance limit outside the window), folded into the rotated copies
+    delta = torch.where(pc - sp >= n_local, pc - lm.limit_distance - sp, torch.zeros_like(sp))
+    t: dict[str, Any] = {"sink": rope_angles(delta, inv_freq, device) if s else None,
+                         "q_mem": rope_angles(st.distance - pc, inv_freq, device),  # [B, 1, 1, D/2]
+                         "mem": rope_angles(pc - st.distance, inv_freq, device)}
+    pos = sh.pos  # [B, S + R]
+    t["seen"] = ((pos >= 0) & ((pc - pos < n_local) | (pos < s)))[:, None, :]  # [B, 1, S + R]
+    # the band of the representatives' softmax: the sinks (as attended) and the last `bs` positions, in ring slots
+    x = pc - torch.arange(bs, device=device)[None]  # [B, bs]
+    t["band_slot"] = s + torch.remainder(x - s, r)  # slot in [sinks | ring] (meaningful where x >= s)
+    band_ok = (x >= s) & (pc >= s)
+    t["band_ok"] = band_ok[:, None, None, :]  # [B, 1, 1, bs]
+    t["band_cols_ok"] = torch.cat([(sp >= 0) & (sp <= pc), band_ok], dim=1)[:, None, None, :]  # [B, 1, 1, S + bs]
+    sh.fwd["tables"] = t
+    return t
+
+
 def _decode_step(layer: MemoryLayer, query: torch.Tensor, st: MemoryState, scale: float) -> torch.Tensor:
     """One query per row over ``[rotated sinks | ring | selected blocks]`` of the cache's buffers (device ops)."""
-    sh, cfg, lm = layer.shared, st.cfg, st.lm
-    s, r, bs, n_local = sh.n_sink, sh.ring, cfg.block_size, lm.n_local
+    sh, cfg = layer.shared, st.cfg
+    s, r, bs = sh.n_sink, sh.ring, cfg.block_size
     inv_freq = st.rotary.inv_freq
     b, hq, _, d = query.shape
     keys, values = layer.keys_all, layer.values_all
     hkv, dev = keys.shape[1], query.device
-    p = sh.step["q"]  # [B] position of the new token
-    pc = p[:, None]
-    # sinks: LM-Infinite's rule (distance limit outside the window), folded into the rotated copies
+    t = _decode_tables(sh, st, inv_freq, dev)
     if s:
-        sp = sh.pos[:, :s]
-        delta = torch.where(pc - sp >= n_local, pc - lm.limit_distance - sp, torch.zeros_like(sp))
-        cos, sin = rope_angles(delta, inv_freq, dev)
-        keys[:, :, s:2 * s] = rotate_with(keys[:, :, :s], cos, sin)
+        keys[:, :, s:2 * s] = rotate_with(keys[:, :, :s], *t["sink"])
     # memory: (re)select, gather, turn to distance `distance` from the query
     mem_valid = torch.zeros(b, hkv, cfg.topk * bs, dtype=torch.bool, device=dev)
     if cfg.topk and layer.repr_k is not None and max(sh.fwd["n_elig"]) > 0:
         if sh.fwd["reselect"] or layer.selection is None:
-            q_mem = naive_rope_rotate(query, st.distance - pc, inv_freq)[:, :, 0]
+            q_mem = rotate_with(query, *t["q_mem"])[:, :, 0]
             layer.selection = select_blocks(score_blocks(q_mem, layer.repr_k, sh.fwd["n_elig_dev"], scale), cfg.topk)
         idx, valid = layer.selection
         mk, mv = layer.store.gather(idx)
-        keys[:, :, 2 * s + r:] = naive_rope_rotate(mk, (pc - st.distance).expand(b, mk.shape[2]), inv_freq)
+        keys[:, :, 2 * s + r:] = rotate_with(mk, *t["mem"])
         values[:, :, s + r:] = mv
         mem_valid = valid.repeat_interleave(bs, dim=-1)
-    pos = sh.pos  # [B, S + R]
-    seen = (pos >= 0) & ((pc - pos < n_local) | (pos < s))
-    mask = torch.cat([seen[:, None, :].expand(b, hkv, s + r), mem_valid], dim=2)[:, :, None, :]
-    out = F.scaled_dot_product_attention(query.reshape(b, hkv, hq // hkv, d), keys[:, :, s:], values,
-                                         attn_mask=mask, scale=scale)
-    # representatives: the new query's band softmax over its last `bs` keys
-    x = pc - torch.arange(bs, device=dev)[None]  # [B, bs] positions of the band
-    slot = s + torch.remainder(x - s, r)  # attention slot of each (only meaningful where x >= s)
+    mask = torch.cat([t["seen"].expand(b, hkv, s + r), mem_valid], dim=2)[:, :, None, :]
+    qg = query.reshape(b, hkv, hq // hkv, d)
+    out = F.scaled_dot_product_attention(qg, keys[:, :, s:], values, attn_mask=mask, scale=scale)
+    # representatives: the new query's softmax over the sinks (as attended above) and its last `bs` keys; the
+    # band keys receive their weights (received_attention's rule, the sink scores read from the rotated sinks)
+    slot = t["band_slot"]
     k_band = keys.gather(2, (slot + s)[:, None, :, None].expand(b, hkv, bs, d))
-    sinks = sink_scores(query, pc, keys[:, :, :s], sh.pos[:, :s], n_local=n_local, limit=lm.limit_distance,
-                        inv_freq=inv_freq)
-    w = received_attention(query, k_band, pc, torch.where(x >= s, x, -1), band=bs, n_global=s, scale=scale,
-                           sink_logits=sinks)
+    logits = torch.matmul(qg.float(), torch.cat([keys[:, :, s:2 * s], k_band], 2).float().transpose(-1, -2)) * scale
+    w = torch.softmax(logits.masked_fill(~t["band_cols_ok"], float("-inf")), dim=-1).nan_to_num(0.0)[..., s:]
+    w = w.masked_fill(~t["band_ok"], 0.0).sum(dim=2)  # [B, Hkv, bs]
     attn_slot = sh.step["attn"][:, None, None].expand(b, hkv, 1)
     layer.recv.scatter_(2, attn_slot, 0.0)  # the new token's slot held an evicted token
     layer.recv.scatter_add_(2, slot[:, None, :].expand(b, hkv, bs), w)
