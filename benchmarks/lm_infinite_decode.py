@@ -31,6 +31,9 @@ eager, LM-Infinite once its ring is full) run flash, masked ones (vanilla's Stat
     python benchmarks/lm_infinite_decode.py            # H100: the default plan, 1x16k .. 1x128k, 4x16k .. 4x64k
     python benchmarks/lm_infinite_decode.py --plan 4x16384 4x32768 --methods vanilla_eager vanilla_graph lminf_graph
     python benchmarks/lm_infinite_decode.py --shape tiny --device cpu --plan 1x256 2x512 --new-tokens 8
+    # host work per step (ATen ops dispatched, from a second short run per method)
+    python benchmarks/lm_infinite_decode.py --shape tiny --device cpu --plan 1x4096 --count-ops \
+        --methods lminf_eager lminf_memory_eager
 
 Results: ``benchmarks/results/lm_infinite_decode_<gpu>_graph.json`` (``--out-name`` to change).
 """
@@ -45,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -83,14 +87,32 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-class _TokenClock:
-    """``generate(streamer=...)``: host time at every emitted token (first put = the prompt)."""
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched from Python (views included): the host work of a step, whatever the device.
+    A replayed CUDA graph dispatches none."""
 
     def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _TokenClock:
+    """``generate(streamer=...)``: host time at every emitted token (first put = the prompt), and the op count of
+    an active :class:`_OpCounter`."""
+
+    def __init__(self, counter: _OpCounter | None = None) -> None:
         self.times: list[float] = []
+        self.counter = counter
+        self.ops: list[int] = []
 
     def put(self, value: torch.Tensor) -> None:
         self.times.append(time.perf_counter())
+        if self.counter is not None:
+            self.ops.append(self.counter.n)
 
     def end(self) -> None:
         pass
@@ -148,7 +170,7 @@ def run_method(model, method: str, prompt: torch.Tensor, args: argparse.Namespac
     n_new = args.skip_steps + args.new_tokens + 1
     gen: dict[str, Any] = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, min_new_tokens=n_new,
                                do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    clock = _TokenClock()
+    clock = _TokenClock(getattr(args, "op_counter", None))
     if _cuda(device):
         torch.cuda.reset_peak_memory_stats()
     gpu_ms, stats = None, None
@@ -194,6 +216,9 @@ def run_method(model, method: str, prompt: torch.Tensor, args: argparse.Namespac
         "prefill_s": tok[0] - t0, "peak_gib": peak,
         "cache_gib": _cache_bytes(cache) / 2**30,
     }
+    if clock.ops:
+        ops = clock.ops[1:]
+        res["ops_per_step"] = (ops[-1] - ops[k0]) / (len(ops) - 1 - k0)
     if method.endswith("graph"):
         res["gpu_step_ms"] = gpu_ms
         res["runner"] = stats
@@ -221,6 +246,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--replay-steps", type=int, default=20, help="graph replays timed alone after generate()")
     ap.add_argument("--n-global", type=int, default=10)
     ap.add_argument("--n-local", type=int, default=None, help="default: the model's max_position_embeddings")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="after each timed run, a short untimed one counts the ATen ops dispatched per decode step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out-name", default=None, help="results/<name>.json; default lm_infinite_decode_<gpu>_graph")
     ap.add_argument("--out-dir", default=None)
@@ -264,6 +291,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     retry = _attempt(model, m, prompt, args, lm_kw, args.vanilla_prefill_chunk)
                     res = ({**retry, "prefill_chunk": args.vanilla_prefill_chunk, "unchunked_error": res["error"]}
                            if not retry.get("oom") else {**res, "chunked_error": retry["error"]})
+                if args.count_ops and "error" not in res and not m.endswith("graph"):  # a replay dispatches no op
+                    counter = _OpCounter()
+                    cargs = argparse.Namespace(**{**vars(args), "new_tokens": 4, "replay_steps": 0,
+                                                  "op_counter": counter})
+                    with counter:
+                        res["ops_per_step"] = run_method(model, m, prompt, cargs, lm_kw)["ops_per_step"]
                 for k, v in res.items():
                     row[f"{m}_{k}"] = v
                 print(f"  {batch}x{context} {m}: " + ", ".join(
@@ -275,7 +308,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             + ["fastest_vanilla", "fastest_lminf", "speedup_vs_fastest_vanilla", "lminf_graph_vs_vanilla_graph"]
             + [f"{m}_vs_lminf_eager" for m in ("lminf_memory_eager", "lminf_kv4_eager") if m in methods]
             + (["kv4_eager_vs_vanilla_eager"] if "kv4_eager" in methods else [])
-            + [f"{m}_peak_gib" for m in methods])
+            + [f"{m}_peak_gib" for m in methods]
+            + ([f"{m}_ops_per_step" for m in methods] if args.count_ops else []))
     print_table(rows, cols, title=f"LM-Infinite decode ({args.shape}, {args.new_tokens} timed steps, decode tok/s)")
     print_table(rows, ["batch", "context"] + [f"{m}_gpu_step_ms" for m in methods if m.endswith("graph")]
                 + [f"{m}_gbps" for m in methods if m.endswith("graph")] + [f"{m}_cache_gib" for m in methods],

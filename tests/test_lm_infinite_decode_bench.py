@@ -28,3 +28,15 @@ def test_tiny_plan_all_eager_methods(tmp_path: Path) -> None:
     assert row["lminf_kv4_eager_cache_gib"] < 0.5 * row["lminf_eager_cache_gib"]
     assert row["kv4_eager_vs_vanilla_eager"] > 0 and row["kv4_eager_cache_gib"] < row["vanilla_eager_cache_gib"]
     assert (tmp_path / "lm_infinite_decode_tiny.json").is_file()
+
+
+def test_count_ops_reports_the_host_work_of_a_step(tmp_path: Path) -> None:
+    """``--count-ops``: a short second run per method counts the ATen ops of one decode step; LM-Infinite's static
+    ring dispatches the same ops every step, and memory blocks add their selection, gather and bookkeeping."""
+    bench = pytest.importorskip("lm_infinite_decode")
+    methods = ["lminf_eager", "lminf_memory_eager"]
+    (row,) = bench.main(["--shape", "tiny", "--device", "cpu", "--plan", "1x1024", "--new-tokens", "2",
+                         "--skip-steps", "1", "--count-ops", "--methods", *methods, "--out-dir", str(tmp_path)])
+    lminf, memory = row["lminf_eager_ops_per_step"], row["lminf_memory_eager_ops_per_step"]
+    assert lminf == int(lminf) > 0  # a whole number of ops per step: every timed step did the same work
+    assert memory > lminf
