@@ -50,3 +50,22 @@ def test_bad_options_exit(tmp_path: Path) -> None:
             bench.main(["--dry-run", "--out-dir", str(tmp_path), *bad])
     with pytest.raises(SystemExit):
         bench.main(["--dry-run", "--configs", "nope"])
+
+
+def test_seeds_run_each_rotated_config_per_seed(tmp_path: Path) -> None:
+    """``--seeds``: a rotated configuration runs once per seed with that seed (different rotations, different
+    perplexities), an unrotated one once; the means and spreads are those of the seed rows."""
+    bench = pytest.importorskip("kv_quality")
+    path = bench.main(["--dry-run", "--out-dir", str(tmp_path), "--configs", "rot2", "kivi2", "--seeds", "3", "5",
+                       "--gen-tokens", "0"])
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert [(r["base_config"], r["seed"]) for r in rows] == [("fp", None), ("rot2", 3), ("rot2", 5), ("kivi2", None)]
+    assert [r["options"]["seed"] for r in rows[1:3]] == [3, 5]
+    assert rows[1]["ppl@64"] != rows[2]["ppl@64"]  # another rotation quantizes differently
+    means = {m["config"]: m for m in result["seed_means"]}
+    for L in (32, 64):
+        d = [rows[1][f"dppl@{L}"], rows[2][f"dppl@{L}"]]
+        assert means["rot2"][f"dppl@{L}"] == pytest.approx(sum(d) / 2)
+        assert (means["rot2"][f"dppl@{L}_min"], means["rot2"][f"dppl@{L}_max"]) == (min(d), max(d))
+    assert means["kivi2"]["seeds"] == [None]
