@@ -159,6 +159,19 @@ def test_block_scores_selection_and_gather_match_loops():
             torch.testing.assert_close(got[bi, h], torch.cat([store[bi, h, m] for m in idx[bi, h].tolist()]))
 
 
+
+def test_select_blocks_breaks_ties_by_block_index_in_any_batch():
+    """Blocks of identical tokens have identical keys, so equal scores happen (tiny vocabularies, repeated text):
+    the lower block index wins, and a row selects the same blocks alone and inside a batch of other rows."""
+    row = torch.tensor([[[1.0, 2.0, 0.5, 2.0, 2.0, -float("inf")]]])  # [1, 1, 6]: blocks 1, 3, 4 tie
+    idx, valid = select_blocks(row, 2)
+    assert idx.tolist() == [[[1, 3]]] and valid.all()
+    for pos in range(3):
+        others = torch.randn(2, 1, 6)
+        batch = torch.cat([others[:pos], row, others[pos:]])
+        assert torch.equal(select_blocks(batch, 2)[0][pos], idx[0])
+        assert torch.equal(select_blocks(batch.expand(3, 4, 6).contiguous(), 2)[0][pos, 3], idx[0, 0])
+
 # --------------------------------------------------------------------------- the whole rule vs an independent version
 def _independent_memory_layer(q, k, v, n_global, n_local, limit, distance, bs, r, topk, chunk, f):
     """The positional rule of one layer over a whole unpadded sequence, from the docs, with loops: chunks cut back

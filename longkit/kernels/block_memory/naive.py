@@ -144,13 +144,17 @@ def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
     Returns:
         ``(idx, valid)``, both ``[B, Hkv, k]``: block indices in increasing order (so the gathered memory is laid
-        out in position order, a deterministic layout) and whether each is a real candidate (a row with fewer than
+        out in position order, a deterministic layout; of equal scores the lower block index is taken) and whether
+        each is a real candidate (a row with fewer than
         ``k`` allowed blocks gets ``valid=False`` entries, pointing at block 0).
     """
     n = scores.shape[-1]
     if not 0 <= k <= n:
         raise ValueError(f"cannot select k={k} of {n} block slots")
-    vals, idx = scores.topk(k, dim=-1, sorted=False)
+    # A stable sort, not topk: equal scores (blocks of identical tokens have identical keys) go to the lower block
+    # index, so a row selects the same blocks alone and in any batch (topk breaks ties by memory layout).
+    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :k], idx[..., :k]
     valid = vals > float("-inf")
     key = torch.where(valid, idx, idx + n)  # valid blocks first, each group in increasing block order
     order = key.argsort(dim=-1)
