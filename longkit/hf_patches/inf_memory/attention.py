@@ -54,7 +54,7 @@ from ...kernels.block_memory import (
 from ...kernels.block_memory.cpu import fused_cpu_memory_attention
 from ...kernels.rope import naive_rope_rotate, rope_angles, rotate_with
 from ..lm_infinite.attention import _kernel_available
-from ..lm_infinite.static_cache import chunk_key_positions
+from ..lm_infinite.static_cache import chunk_key_positions, step_tables
 from .cache import MemoryCache, MemoryLayer, _to_device, memory_layer_of
 
 ATTN_KEY = "longkit_inf_memory"
@@ -245,16 +245,15 @@ def _decode_tables(sh: Any, st: MemoryState, inv_freq: torch.Tensor, device: tor
     memo = sh.fwd.get("tables")
     if memo is not None:
         return memo
-    s, r, bs, n_local, lm = sh.n_sink, sh.ring, st.cfg.block_size, st.lm.n_local, st.lm
+    s, r, bs, lm = sh.n_sink, sh.ring, st.cfg.block_size, st.lm
     pc = sh.step["q"][:, None]  # [B, 1] position of the new token
     sp = sh.pos[:, :s]
-    # sinks: LM-Infinite's rule (distance limit outside the window), folded into the rotated copies
-    delta = torch.where(pc - sp >= n_local, pc - lm.limit_distance - sp, torch.zeros_like(sp))
-    t: dict[str, Any] = {"sink": rope_angles(delta, inv_freq, device) if s else None,
-                         "q_mem": rope_angles(st.distance - pc, inv_freq, device),  # [B, 1, 1, D/2]
-                         "mem": rope_angles(pc - st.distance, inv_freq, device)}
-    pos = sh.pos  # [B, S + R]
-    t["seen"] = ((pos >= 0) & ((pc - pos < n_local) | (pos < s)))[:, None, :]  # [B, 1, S + R]
+    # LM-Infinite's own tables: the sinks' rotation (distance limit outside the window) and the visibility of the ring
+    cos, sin, visible = step_tables(sh, lm.n_local, lm.limit_distance, inv_freq, device)
+    t: dict[str, Any] = {"sink": (cos, sin), "q_mem": rope_angles(st.distance - pc, inv_freq, device),
+                         "mem": rope_angles(pc - st.distance, inv_freq, device)}  # [B, 1, 1, D/2]
+    t["seen"] = (visible[:, :, 0] if visible is not None
+                 else torch.ones(pc.shape[0], 1, s + r, dtype=torch.bool, device=device))  # [B, 1, S + R]
     # the band of the representatives' softmax: the sinks (as attended) and the last `bs` positions, in ring slots
     x = pc - torch.arange(bs, device=device)[None]  # [B, bs]
     t["band_slot"] = s + torch.remainder(x - s, r)  # slot in [sinks | ring] (meaningful where x >= s)

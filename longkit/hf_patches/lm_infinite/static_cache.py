@@ -310,8 +310,9 @@ def chunk_key_positions(key: torch.Tensor) -> torch.Tensor | None:
     return getattr(key, _KPOS_ATTR, None)
 
 
-def _tables(sh: _Shared, n_local: int, limit: int, inv_freq: torch.Tensor, device: torch.device):
-    """Per-forward rotation of the sinks and visibility mask (identical for all layers, computed once)."""
+def step_tables(sh: _Shared, n_local: int, limit: int, inv_freq: torch.Tensor, device: torch.device):
+    """A decode step's rotation of the sinks (``cos, sin [B, 1, S, D/2]`` or ``None``) and visibility mask (bool
+    ``[B, 1, 1, S + R]``, ``None`` once every slot is visible): identical for all layers, computed once per step."""
     memo = sh.tables
     if memo is not None and memo[0] == sh.forward_id and memo[1] == (n_local, limit):
         return memo[2:]
@@ -341,7 +342,7 @@ def static_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     scores sinks and ring together.
     """
     sh = layer.shared
-    cos, sin, mask = _tables(sh, n_local, limit, inv_freq, query.device)
+    cos, sin, mask = step_tables(sh, n_local, limit, inv_freq, query.device)
     s = sh.n_sink
     if s:
         key[:, :, :s].copy_(rotate_with(layer.keys[:, :, :s], cos, sin))

@@ -145,8 +145,8 @@ def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     Returns:
         ``(idx, valid)``, both ``[B, Hkv, k]``: block indices in increasing order (so the gathered memory is laid
         out in position order, a deterministic layout; of equal scores the lower block index is taken) and whether
-        each is a real candidate (a row with fewer than
-        ``k`` allowed blocks gets ``valid=False`` entries, pointing at block 0).
+        each is a real candidate (a row with fewer than ``k`` allowed blocks gets ``valid=False`` entries, pointing
+        at block 0).
     """
     n = scores.shape[-1]
     if not 0 <= k <= n:
