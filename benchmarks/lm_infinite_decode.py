@@ -13,10 +13,12 @@ random prompt is decoded greedily with ``model.generate`` by up to eight methods
 * ``lminf_memory_eager``: ``lminf_eager`` + ``memory=MemoryConfig()`` (memory blocks at their defaults; their
   blocks are not counted in ``cache_gib``, the peak includes them);
 * ``lminf_kv4_eager``: ``lminf_eager`` + ``kv_cache=KVCacheConfig()`` (4-bit rotated packed ring);
+* ``lminf_kv4_graph``: ``lminf_graph`` + the same ring (its fixed-buffer form, decode steps replayed from graphs);
 * ``kv4_eager``: vanilla attention over the full-length quantized cache, ``kv_cache=KVCacheConfig()`` alone.
 
-The last three run only when named in ``--methods``; the headline ratio compares plain LM-Infinite with vanilla,
-``<method>_vs_lminf_eager`` gives the stacked ones' decode speed against LM-Infinite alone and
+The last four run only when named in ``--methods``; the headline ratio compares plain LM-Infinite with vanilla,
+``<method>_vs_lminf_eager`` gives the stacked ones' decode speed against LM-Infinite alone (eager),
+``lminf_kv4_graph_vs_lminf_graph`` the packed ring's against LM-Infinite's with graphs, and
 ``kv4_eager_vs_vanilla_eager`` the quantized cache's against HF's default decoding.
 
 Timing: a streamer timestamps every token ``generate()`` emits (HF reads each token on the host anyway), so
@@ -66,7 +68,7 @@ SHAPES = {
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 METHODS = ("vanilla_eager", "vanilla_graph", "lminf_eager", "lminf_static", "lminf_graph", "lminf_memory_eager",
-           "lminf_kv4_eager", "kv4_eager")
+           "lminf_kv4_eager", "lminf_kv4_graph", "kv4_eager")
 LMINF = ("lminf_eager", "lminf_static", "lminf_graph")  # plain LM-Infinite: the headline's candidates
 VANILLA = ("vanilla_eager", "vanilla_graph")
 
@@ -191,11 +193,12 @@ def run_method(model, method: str, prompt: torch.Tensor, args: argparse.Namespac
                 layer.cumulative_length.fill_(prompt.shape[1])
             gpu_ms = _replay_ms(runner, device, min(args.replay_steps, n_new - 1))
     else:
-        decode = {"lminf_graph": "cuda_graph", "lminf_static": "static"}.get(method, "eager")
+        decode = {"lminf_graph": "cuda_graph", "lminf_kv4_graph": "cuda_graph", "lminf_static": "static"}.get(
+            method, "eager")
         extra: dict[str, Any] = {}
         if method == "lminf_memory_eager":  # InfLLM-style memory blocks at their defaults
             extra["memory"] = MemoryConfig()
-        elif method == "lminf_kv4_eager":  # LM-Infinite's window in a 4-bit rotated packed ring
+        elif method in ("lminf_kv4_eager", "lminf_kv4_graph"):  # LM-Infinite's window in a 4-bit rotated packed ring
             extra["kv_cache"] = KVCacheConfig(key_bits=4, value_bits=4)
         with longkit.patched(model, lm_infinite=LMInfiniteConfig(**lm_kw, decode=decode), **extra):
             out = model.generate(prompt, streamer=clock, **gen)
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cols = (["batch", "context"] + [f"{m}_tok_s" for m in methods]
             + ["fastest_vanilla", "fastest_lminf", "speedup_vs_fastest_vanilla", "lminf_graph_vs_vanilla_graph"]
             + [f"{m}_vs_lminf_eager" for m in ("lminf_memory_eager", "lminf_kv4_eager") if m in methods]
+            + (["lminf_kv4_graph_vs_lminf_graph"] if "lminf_kv4_graph" in methods else [])
             + (["kv4_eager_vs_vanilla_eager"] if "kv4_eager" in methods else [])
             + [f"{m}_peak_gib" for m in methods]
             + ([f"{m}_ops_per_step" for m in methods] if args.count_ops else []))
@@ -356,6 +360,8 @@ def _ratios(row: dict, methods: list[str]) -> None:
     for m in ("lminf_memory_eager", "lminf_kv4_eager"):  # the stacked techniques against LM-Infinite alone, eager
         if row.get(f"{m}_tok_s") and row.get("lminf_eager_tok_s"):
             row[f"{m}_vs_lminf_eager"] = row[f"{m}_tok_s"] / row["lminf_eager_tok_s"]
+    if row.get("lminf_kv4_graph_tok_s") and row.get("lminf_graph_tok_s"):
+        row["lminf_kv4_graph_vs_lminf_graph"] = row["lminf_kv4_graph_tok_s"] / row["lminf_graph_tok_s"]
     if row.get("kv4_eager_tok_s") and row.get("vanilla_eager_tok_s"):
         row["kv4_eager_vs_vanilla_eager"] = row["kv4_eager_tok_s"] / row["vanilla_eager_tok_s"]
 

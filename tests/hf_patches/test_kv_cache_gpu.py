@@ -123,3 +123,35 @@ def test_cuda_lm_infinite_ring_matches_the_cpu_reference(cfg):
         logits[name] = torch.stack(steps).cpu()
     assert cache.packed_tokens() == 16 - 4 - 1
     assert _rel(logits["cuda"], logits["cpu"]) < 2e-3
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("lengths", [[26, 17, 30], [5, 3, 8]], ids=["window-full", "window-fills"])
+def test_cuda_graph_quantized_ring_equals_static_and_eager(cfg, lengths):
+    """lm_infinite(decode="cuda_graph") + kv_cache: the decode step (Triton quantize of the token leaving the window,
+    Triton decode over the packed ring) is captured and replayed, and gives the tokens of the same cache run
+    eagerly (decode="static") and of the host-driven bounded cache (decode="eager"), fp32."""
+    from longkit import LMInfiniteConfig
+    from longkit.hf_patches.kv_cache.bounded_static import StaticBoundedQuantizedKVCache
+
+    model = tiny_model("llama", hidden_size=256).cuda()
+    model.generation_config.eos_token_id = None
+    ids, mask = left_padded(model.config.vocab_size, lengths)
+    ids, mask = ids.cuda(), mask.cuda()
+    out = {}
+    for decode in ("eager", "static", "cuda_graph"):
+        longkit.apply_patches(model, lm_infinite=LMInfiniteConfig(n_global=3, n_local=16, decode=decode), kv_cache=cfg)
+        out[decode] = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                                     output_scores=True, return_dict_in_generate=True)
+        if decode == "cuda_graph":
+            stats = dict(model._longkit_graph_runner.stats)
+        longkit.remove_patches(model)
+    assert isinstance(out["cuda_graph"].past_key_values, StaticBoundedQuantizedKVCache)
+    phases = 1 if min(lengths) + 1 >= 3 + 4 + 1 else 2
+    assert stats["captures"] == phases and stats["replays"] == 39 - phases, stats
+    assert torch.equal(out["cuda_graph"].sequences, out["static"].sequences)
+    torch.testing.assert_close(torch.stack(out["cuda_graph"].scores), torch.stack(out["static"].scores), atol=1e-5,
+                               rtol=1e-5)
+    assert torch.equal(out["static"].sequences, out["eager"].sequences)
+    torch.testing.assert_close(torch.stack(out["static"].scores), torch.stack(out["eager"].scores), atol=1e-4,
+                               rtol=1e-4)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -131,8 +132,12 @@ class _StepTrace(TorchDispatchMode):
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
+    """The tensors a cache's layers and shared bookkeeping hold, and those of the dataclasses they hold (a quantized
+    layer's packed records and quantizer state)."""
     objs = [*cache.layers, getattr(cache, "shared", None)]
-    return [v for o in objs if o is not None for v in vars(o).values() if isinstance(v, torch.Tensor)]
+    values = [v for o in objs if o is not None for v in vars(o).values()]
+    values += [getattr(v, f.name) for v in values if dataclasses.is_dataclass(v) for f in dataclasses.fields(v)]
+    return [v for v in values if isinstance(v, torch.Tensor)]
 
 
 class _FakeGraph:

@@ -52,7 +52,7 @@ from .attention import STATE_ATTR, dense_attention_lse
 from .cache import as_config, check_spec_fits, model_head_dim, summed_memory
 
 __all__ = ["BoundedQuantizedKVCache", "BoundedQuantizedLayer", "bounded_attention", "check_bounded_options",
-           "BOUNDED_ATTN_KEY"]
+           "ring_plan", "BOUNDED_ATTN_KEY"]
 
 BOUNDED_ATTN_KEY = "longkit_kv_cache_lm_infinite"
 _LAYER_ATTR = "_longkit_bounded_kv_layer"  # on the keys update() returns: a weakref to the layer
@@ -74,6 +74,17 @@ def check_bounded_options(cfg: KVCacheConfig, n_local: int) -> int:
             f"KVCacheConfig(residual_length<={n_local - 2})"
         )
     return ring
+
+
+def ring_plan(pad: torch.Tensor, last: int, n_global: int, ring: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed ring after the prompt columns ``< last`` (the full-precision window excluded): per row and ring
+    slot the column whose token it holds (position ``s >= n_global`` in slot ``(s - n_global) % ring``, the latest
+    such position), and each row's valid length (its valid slots are a prefix)."""
+    hi = (last - 1) - pad  # [B] position of the newest column before the window
+    slots = torch.arange(ring, device=pad.device)
+    owner = hi[:, None] - torch.remainder(hi[:, None] - n_global - slots[None], ring)  # latest position per slot
+    cols = (owner + pad[:, None]).clamp(0, max(last - 1, 0))
+    return cols, (hi - n_global + 1).clamp(0, ring)
 
 
 class _Rows:
@@ -186,16 +197,6 @@ class BoundedQuantizedLayer(CacheLayerMixin):
     def needs_calibration(self) -> bool:
         return self.state is not None and self.state.prunes and self.state.key_channels is None
 
-    def _ring_plan(self, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the columns ``< last`` (window excluded): per row and ring slot the column that owns it, and the
-        ring's valid length per row."""
-        pad, s, c = self.rows.pad, self.n_global, self.ring
-        hi = (last - 1) - pad  # [B] position of the newest column before the window
-        slots = torch.arange(c, device=pad.device)
-        owner = hi[:, None] - torch.remainder(hi[:, None] - s - slots[None], c)  # latest position in each slot
-        cols = (owner + pad[:, None]).clamp(0, max(last - 1, 0))
-        return cols, (hi - s + 1).clamp(0, c)
-
     def flush_prompt(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """After the prompt's attention: sinks, the ring (quantized) and the window from its ``T`` columns."""
         self.pending = False
@@ -209,13 +210,21 @@ class BoundedQuantizedLayer(CacheLayerMixin):
         w = min(t, self.residual_length)
         self.ring_used = max(0, min(t - w - self.rows.min_pad - self.n_global, self.ring))
         if self.ring_used:
-            cols, self.lengths = self._ring_plan(t - w)
+            cols, self.lengths = ring_plan(self.rows.pad, t - w, self.n_global, self.ring)
             idx = cols[:, None, :, None]
             ring_k = key.gather(2, idx.expand(-1, h, -1, d))
             ring_v = value.gather(2, idx.expand(-1, h, -1, value.shape[-1]))
             quantize_kv(ring_k, ring_v, self.spec, self.state, out=self.packed, start=0)
         self.keys = key[:, :, t - w:].clone()
         self.values = value[:, :, t - w:].clone()
+
+    def decode_step(self, query: torch.Tensor, n_local: int, limit: int, inv_freq: torch.Tensor, scale: float
+                    ) -> torch.Tensor:
+        """A decode step's attention ``[B, Hq, 1, D]`` (see the module docstring); then the window's oldest token
+        moves to the ring."""
+        out = _decode(self, query, n_local, limit, inv_freq, scale)
+        self.flush_step()
+        return out
 
     def flush_step(self) -> None:
         """After a decode step's attention: the window's oldest token (if it is full) moves to its ring slot."""
@@ -368,6 +377,5 @@ def bounded_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if dropout and module.training:
         raise NotImplementedError("lm_infinite + kv_cache attention does not implement attention dropout")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    out = _decode(layer, query, lmi.cfg.n_local, lmi.cfg.limit_distance, lmi.rotary.inv_freq, scale)
-    layer.flush_step()
+    out = layer.decode_step(query, lmi.cfg.n_local, lmi.cfg.limit_distance, lmi.rotary.inv_freq, scale)
     return out.transpose(1, 2).contiguous(), None

@@ -28,11 +28,13 @@ from ...errors import ConfigError, UnsupportedModelError
 from ..attention import attention_modules, check_model, restore_attention, sliding_window, switch_attention
 from ..compat import cache_kwarg
 from ..handle import HANDLE_ATTR
+from ..lm_infinite import patch as lm_infinite_patch
 from ..lm_infinite.attention import ATTN_KEY as LMI_KEY
 from ..lm_infinite.attention import STATE_ATTR as LMI_STATE
 from ..lm_infinite.attention import lm_infinite_mask
 from .attention import ATTN_KEY, STATE_ATTR, kv_cache_attention, kv_cache_mask
 from .bounded import BOUNDED_ATTN_KEY, BoundedQuantizedKVCache, bounded_attention, check_bounded_options
+from .bounded_static import StaticBoundedQuantizedKVCache
 from .cache import QuantizedKVCache, check_spec_fits
 
 __all__ = ["install", "uninstall"]
@@ -58,12 +60,6 @@ def _lm_infinite_config(model: nn.Module, attns: list[nn.Module]) -> Any:
     if any(st is None for st in states):
         return None
     lm = states[0].cfg
-    if lm.decode == "cuda_graph":
-        raise NotImplementedError(
-            "kv_cache on top of lm_infinite does not support LMInfiniteConfig(decode='cuda_graph') yet (the packed "
-            "ring is written with host-side bookkeeping); use decode='eager' or 'static' (both decode with the "
-            "quantized bounded cache)"
-        )
     if not lm.bounded_cache:
         raise ConfigError("kv_cache on top of lm_infinite needs LMInfiniteConfig(bounded_cache=True): the quantized "
                           "bounded cache is what generate() uses")
@@ -93,7 +89,8 @@ def _check_model(model: nn.Module, cfg: KVCacheConfig) -> tuple[list[nn.Module],
             "if it was trained without one)"
         )
     check_spec_fits(cfg.spec(), attns[0].head_dim)
-    _refuse_graph_runner(model)
+    if lm is None or lm.decode != "cuda_graph":  # LM-Infinite's runner graphs the static quantized cache
+        _refuse_graph_runner(model)
     return attns, lm
 
 
@@ -102,7 +99,8 @@ def _wrap_prepare_cache(model: nn.Module, cfg: KVCacheConfig, lm: Any = None) ->
     :class:`BoundedQuantizedKVCache`) where it would build its default dynamic cache."""
     original = model._prepare_cache_for_generation
     key = cache_kwarg()  # "cache" from transformers 5.24, "past_key_values" before
-    ours_type = QuantizedKVCache if lm is None else BoundedQuantizedKVCache
+    static = lm is not None and lm.decode != "eager"
+    ours_type = QuantizedKVCache if lm is None else StaticBoundedQuantizedKVCache if static else BoundedQuantizedKVCache
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         mode = args[0] if args else kwargs.get("generation_mode")
@@ -112,7 +110,8 @@ def _wrap_prepare_cache(model: nn.Module, cfg: KVCacheConfig, lm: Any = None) ->
                 "back, but tokens quantized during their verification cannot get their full precision back; "
                 "generate without an assistant, or longkit.remove_patches(model)"
             )
-        _refuse_graph_runner(self)
+        if lm is None or lm.decode != "cuda_graph":
+            _refuse_graph_runner(self)
         if lm is not None and (generation_config.num_beams or 1) > 1:
             raise NotImplementedError("beam search is not supported with lm_infinite + kv_cache (the packed ring is "
                                       "per row); use greedy decoding or sampling")
@@ -129,6 +128,16 @@ def _wrap_prepare_cache(model: nn.Module, cfg: KVCacheConfig, lm: Any = None) ->
                 f"cache_implementation={generation_config.cache_implementation!r} (or longkit.remove_patches(model))"
             )
         if user_cache is None and generation_config.use_cache is not False:
+            if static:
+                if lm.decode == "cuda_graph" and not lm_infinite_patch._graph_device_ok(self):
+                    raise UnsupportedModelError(
+                        f"LMInfiniteConfig(decode='cuda_graph') needs the model on a CUDA device, it is on "
+                        f"{self.device}; use decode='static' (same outputs, no graphs) elsewhere"
+                    )
+                model_kwargs[key] = StaticBoundedQuantizedKVCache(
+                    self.config, cfg, lm.n_global, lm.n_local, model_kwargs.get("attention_mask"),
+                    graphable=lm.decode == "cuda_graph")
+                return None
             if lm is not None:
                 model_kwargs[key] = BoundedQuantizedKVCache(self.config, cfg, lm.n_global, lm.n_local,
                                                             model_kwargs.get("attention_mask"))

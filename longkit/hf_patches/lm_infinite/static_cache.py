@@ -163,12 +163,16 @@ class LMInfiniteStaticLayer(CacheLayerMixin):
                 sh.n_seen += t
         step = sh.step
         if step["kind"] == "decode":
-            b, h, _, d = key_states.shape
-            self.keys.scatter_(2, step["raw"].view(b, 1, 1, 1).expand(b, h, 1, d), key_states)
-            self.values.scatter_(2, step["attn"].view(b, 1, 1, 1).expand(b, self.values.shape[1], 1,
-                                                                           self.values.shape[-1]), value_states)
+            self._write_decode(key_states, value_states, step)
             return self.attn_keys, self.values
         return self._update_chunk(key_states, value_states, step)
+
+    def _write_decode(self, key_states: torch.Tensor, value_states: torch.Tensor, step: dict[str, Any]) -> None:
+        """Write a decode step's token into its slot (sink or ring) of every row, in place."""
+        b, h, _, d = key_states.shape
+        self.keys.scatter_(2, step["raw"].view(b, 1, 1, 1).expand(b, h, 1, d), key_states)
+        self.values.scatter_(2, step["attn"].view(b, 1, 1, 1).expand(b, self.values.shape[1], 1,
+                                                                       self.values.shape[-1]), value_states)
 
     def _update_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor, step: dict[str, Any]):
         s = self.shared.n_sink

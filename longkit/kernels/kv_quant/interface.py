@@ -209,9 +209,12 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, spec: KVQuantSpec, state: KVQu
         naive._kept(state)  # raises with the fix
     which = _which(op, impl, k.device)
     if which == "naive":
-        if isinstance(start, torch.Tensor) and T and (int(start.min()) < 0 or int(start.max()) > cap - T):
-            raise ValueError(f"{op}: start values must lie in [0, capacity - T] = [0, {cap - T}], got "
-                             f"{start.tolist()}")
+        if isinstance(start, torch.Tensor) and T:  # checked without a host read op (a step stays capture-clean)
+            msg = f"{op}: start values must lie in [0, capacity - T] = [0, {cap - T}] (T={T} tokens into {cap} slots)"
+            try:  # raises here on CPU; on CUDA a device-side assert
+                torch._assert_async(((start >= 0) & (start <= cap - T)).all(), msg)
+            except RuntimeError:
+                raise ValueError(msg) from None
         return naive.naive_quantize_kv(k, v, spec, state, out=out, start=start)
     from .launch import launch_quantize  # Triton loads on first use
 

@@ -266,9 +266,15 @@ def naive_quantize_kv(k: torch.Tensor, v: torch.Tensor, spec: KVQuantSpec, state
     if T == 0:
         return out
     fields = {**_encode_keys(k, spec, state, out.raw_dtype), **_encode_values(v, spec, state, out.raw_dtype)}
-    starts = start.tolist() if isinstance(start, torch.Tensor) else [start] * B
+    if isinstance(start, torch.Tensor):  # per-row slots: one scatter per field, no host read (token axis only)
+        slots = start.to(device=k.device, dtype=torch.long)[:, None] + torch.arange(T, device=k.device)[None]
+        for name, val in fields.items():
+            dst = getattr(out, name)
+            idx = slots.view(B, 1, T, *([1] * (val.dim() - 3))).expand(val.shape)
+            dst.scatter_(2, idx, val.to(dst.dtype))
+        return out
     g = spec.group_size
-    for b, s in enumerate(starts):
+    for b, s in enumerate([start] * B):
         for name, val in fields.items():
             dst = getattr(out, name)
             if name in ("k_scale", "k_zero") and spec.key_axis == "channel":
