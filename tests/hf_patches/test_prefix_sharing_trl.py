@@ -56,10 +56,13 @@ def _load(path: str) -> torch.nn.Module:
 def _compare_runs(path: str, stock: tuple, shared: tuple) -> None:
     (m0, logs0), (m1, logs1) = stock, shared
     assert len(logs0) == len(logs1) > 0
+    # rewards/accuracies is the share of pairs with chosen reward > rejected reward: a step function, and with LoRA's
+    # zero-initialised factors both rewards start at 0, so rounding alone decides it (seen: 0 vs 1/3 at one seed).
+    # The rewards themselves are compared.
+    skip = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "rewards/accuracies")
     for a, b in zip(logs0, logs1):
         for k, v in a.items():
-            if isinstance(v, float) and k not in ("train_runtime", "train_samples_per_second",
-                                                   "train_steps_per_second") and "time" not in k:
+            if isinstance(v, float) and k not in skip and "time" not in k:
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
     init = dict(_load(path).named_parameters())
     for (name, p0), p1 in zip(m0.named_parameters(), m1.parameters()):
