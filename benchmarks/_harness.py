@@ -15,13 +15,16 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _git_commit() -> str | None:
+    """``HEAD``'s short hash, with ``+changes`` when tracked files differ from it (the run used other code)."""
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], capture_output=True,
+                               cwd=here.parent).returncode != 0
     except Exception:  # noqa: BLE001 - benchmarks also run from copies without .git
         return None
+    return head + ("+changes" if dirty else "")
 
 
 def env_info() -> dict[str, Any]:

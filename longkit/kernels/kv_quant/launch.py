@@ -178,15 +178,19 @@ def plan_splits(B: int, Hkv: int, m_blocks: int, T: int, block_n: int, device: t
 
 
 def _decode_config(G: int, Tq: int, D: int, fp32: bool) -> dict[str, int]:
-    """Tiles of the split kernel, chosen from ptxas register counts of an offline sm_90a compile (as
-    ``benchmarks/kernel_regs.py`` does) so that the common cases do not spill; not tuned for speed yet."""
+    """Tiles of the split kernel. Head dim 128, 16-bit queries: 32 tokens and 4 warps, the fastest of 32:4, 64:8
+    and 128:8 in every case of ``benchmarks/kv_decode.py`` on an H100 (4-bit and 3-bit codebook, batch 1 and 8,
+    32k and 128k: 1.12-1.28x faster than 64:8). The others: chosen from ptxas register counts of an offline sm_90a
+    compile (``benchmarks/kernel_regs.py``) so that they do not spill; not timed."""
     rows = G * Tq
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     if fp32:  # IEEE fp32 dots are FMA loops: small key tiles
         return {"BLOCK_M": block_m, "BLOCK_N": 16, "num_warps": 8 if D > 64 else 4}
     if D <= 64:
         return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4}
-    return {"BLOCK_M": block_m, "BLOCK_N": 64 if D <= 128 else 32, "num_warps": 8}
+    if D <= 128:
+        return {"BLOCK_M": block_m, "BLOCK_N": 32, "num_warps": 4}
+    return {"BLOCK_M": block_m, "BLOCK_N": 32, "num_warps": 8}
 
 
 def launch_decode(q: torch.Tensor, packed: PackedKV, spec: KVQuantSpec, state: KVQuantState, scale: float,
