@@ -3,12 +3,16 @@
 Loads a causal LM (default: the embedded SmolLM2-135M-Instruct), puts a document (default: a Python standard-library
 source file) and a question in the prompt, and generates twice: with transformers' own cache, then with
 ``longkit.apply_patches(model, kv_cache=KVCacheConfig(...))`` (rotated 2/3/4-bit keys and values, a full-precision
-window of the newest tokens). Prints both answers, how many greedy tokens agree, the times and the cache memory.
+window of the newest tokens); with ``--lm-infinite N`` both runs use LM-Infinite (window ``N``) and the quantized one
+packs the older part of that window (``--decode cuda_graph``: decode steps replayed from CUDA graphs). Prints both
+answers, how many greedy tokens agree, the times and the cache memory.
 
     python recipes/kv_cache_generate.py --help
     python recipes/kv_cache_generate.py                                   # toy size, CPU: 3-bit keys and values
     python recipes/kv_cache_generate.py --bits 4 --qjl --tokens 4000
     python recipes/kv_cache_generate.py --kivi --bits 2                   # the KIVI baseline
+    python recipes/kv_cache_generate.py --lm-infinite 512 --bits 4        # on LM-Infinite: bounded and quantized
+    python recipes/kv_cache_generate.py --lm-infinite 4096 --decode cuda_graph --device cuda --tokens 32000
     python recipes/kv_cache_generate.py --model /path/to/llama --device cuda --dtype bfloat16 --tokens 32000
 """
 
@@ -20,7 +24,7 @@ import time
 import torch
 
 import longkit
-from longkit.config import KVCacheConfig
+from longkit.config import KVCacheConfig, LMInfiniteConfig
 
 
 def build_config(args: argparse.Namespace) -> KVCacheConfig:
@@ -46,12 +50,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--keep-channels", type=float, default=1.0, help="ThinK: fraction of key channels stored")
     ap.add_argument("--kivi", action="store_true", help="the KIVI baseline (per-channel keys, no rotation)")
     ap.add_argument("--residual", type=int, default=128, help="newest tokens kept in full precision")
+    ap.add_argument("--lm-infinite", type=int, default=0, metavar="N_LOCAL",
+                    help="both runs on LM-Infinite with this window (0: off); kv_cache then packs its older part")
+    ap.add_argument("--decode", default="eager", choices=["eager", "static", "cuda_graph"],
+                    help="LM-Infinite's decode mode (with --lm-infinite; cuda_graph needs CUDA)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     args = ap.parse_args(argv)
     cfg = build_config(args)  # bad options fail here, before the model loads
+    if args.decode != "eager" and not args.lm_infinite:
+        ap.error("--decode chooses LM-Infinite's decode mode: use it with --lm-infinite N_LOCAL")
+    lm = LMInfiniteConfig(n_local=args.lm_infinite, decode=args.decode) if args.lm_infinite else None
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,7 +88,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     runs = {}
     for name in ("full precision", "quantized"):
-        if name == "quantized":
+        if lm is not None:  # lm_infinite first: kv_cache stacks on it
+            longkit.apply_patches(model, lm_infinite=lm, **({"kv_cache": cfg} if name == "quantized" else {}))
+        elif name == "quantized":
             longkit.apply_patches(model, kv_cache=cfg)
         t0 = time.perf_counter()
         out = model.generate(ids, **gen)
@@ -97,9 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         answer = tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
         print(f"\n[{name}] {dt:.1f} s\n{answer}")
     print(f"\ngreedy tokens identical before the first difference: {agree} of {n}")
-    print(f"quantized cache: {cache.packed_tokens()} tokens packed at {cache.bytes_per_token():g} bytes per token and "
-          f"layer ({mem['packed_used'] / 2**20:.2f} MiB), {cache.layers[0].keys.shape[2]} in the full-precision "
-          f"window ({mem['window'] / 2**20:.2f} MiB); a bf16 cache of the same tokens: {full_bytes / 2**20:.2f} MiB")
+    print(f"quantized cache ({type(cache).__name__}): {cache.packed_tokens()} tokens packed at "
+          f"{cache.bytes_per_token():g} bytes per token and layer ({mem['packed_used'] / 2**20:.2f} MiB), "
+          f"full-precision part {mem['window'] / 2**20:.2f} MiB; a bf16 cache of every token: "
+          f"{full_bytes / 2**20:.2f} MiB")
     return {"agree": agree, "compared": n, "memory": mem, "config": cfg}
 
 

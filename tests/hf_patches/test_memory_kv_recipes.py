@@ -38,6 +38,20 @@ def test_kv_cache_recipe_identity_setting_reproduces_the_stock_tokens(capsys: py
     assert "greedy tokens identical" in capsys.readouterr().out
 
 
+def test_kv_cache_recipe_on_lm_infinite_static_identity_reproduces_lm_infinite(capsys: pytest.CaptureFixture[str]
+                                                                              ) -> None:
+    """On LM-Infinite (window 96 < the prompt) with the fixed-buffer quantized cache at the identity setting: the
+    greedy tokens equal LM-Infinite's own, and the packed part was used."""
+    out = _recipe("kv_cache_generate").main(["--tokens", "200", "--max-new-tokens", "6", "--bits", "16",
+                                             "--no-rotate", "--residual", "16", "--lm-infinite", "96",
+                                             "--decode", "static", "--dtype", "float32", "--device", "cpu"])
+    assert out["compared"] == 6 and out["agree"] == 6, out
+    assert out["memory"]["packed_used"] > 0
+    assert "StaticBoundedQuantizedKVCache" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _recipe("kv_cache_generate").main(["--decode", "static"])  # without --lm-infinite
+
+
 def test_long_recall_recipe_answers_with_and_without_memory(capsys: pytest.CaptureFixture[str]) -> None:
     answers = _recipe("long_recall").main(["--tokens", "700", "--n-local", "256", "--block-size", "64", "--topk", "4",
                                            "--compare", "--dtype", "float32", "--device", "cpu"])

@@ -49,7 +49,7 @@ from ..attention import text_config
 from ..lm_infinite.attention import STATE_ATTR as LMI_STATE
 from ..lm_infinite.attention import lm_infinite_attention
 from .attention import STATE_ATTR, dense_attention_lse
-from .cache import as_config, check_spec_fits, model_head_dim, summed_memory
+from .cache import as_config, check_spec_fits, model_head_dim, packed_bytes_per_token, summed_memory
 
 __all__ = ["BoundedQuantizedKVCache", "BoundedQuantizedLayer", "bounded_attention", "check_bounded_options",
            "ring_plan", "BOUNDED_ATTN_KEY"]
@@ -312,6 +312,10 @@ class BoundedQuantizedKVCache(Cache):
     def memory(self) -> dict[str, float]:
         """Bytes summed over the layers (see :meth:`BoundedQuantizedLayer.memory`)."""
         return summed_memory(self.layers)
+
+    def bytes_per_token(self) -> float:
+        """Exact packed bytes per token of one layer (scales and sketches included); ``0`` before the first update."""
+        return packed_bytes_per_token(self)
 
     def packed_tokens(self) -> int:
         """Ring slots in use in the fullest row (at most ``n_local - residual_length - 1``)."""

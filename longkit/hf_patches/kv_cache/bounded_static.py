@@ -45,7 +45,7 @@ from ..attention import text_config
 from ..lm_infinite.static_cache import LMInfiniteStaticCache, LMInfiniteStaticLayer, _Shared, step_tables
 from .attention import dense_attention_lse
 from .bounded import _LAYER_ATTR, _RAW_DTYPES, check_bounded_options, ring_plan
-from .cache import as_config, check_spec_fits, model_head_dim, summed_memory
+from .cache import as_config, check_spec_fits, model_head_dim, packed_bytes_per_token, summed_memory
 
 __all__ = ["StaticBoundedQuantizedKVCache", "StaticBoundedQuantizedLayer"]
 
@@ -217,6 +217,10 @@ class StaticBoundedQuantizedKVCache(LMInfiniteStaticCache):
     def memory(self) -> dict[str, float]:
         """Bytes summed over the layers (see :meth:`StaticBoundedQuantizedLayer.memory`)."""
         return summed_memory(self.layers)
+
+    def bytes_per_token(self) -> float:
+        """Exact packed bytes per token of one layer (scales and sketches included); ``0`` before the first update."""
+        return packed_bytes_per_token(self)
 
     def packed_tokens(self) -> int:
         """Packed slots in use in the least-padded row (at most ``n_local - residual_length - 1``), from the host's

@@ -351,10 +351,7 @@ class QuantizedKVCache(Cache):
     def bytes_per_token(self) -> float:
         """Exact packed bytes per token of one layer (keys and values, every KV head; scales and sketches included);
         ``0`` before the first update (the KV-head count is read from the model's tensors)."""
-        layer = self.layers[0]
-        if layer.state is None:
-            return 0
-        return bytes_per_token(self.spec, layer.state.head_dim, layer.state.num_kv_heads)
+        return packed_bytes_per_token(self)
 
     def memory(self) -> dict[str, float]:
         """Bytes summed over the layers: ``packed_used``, ``packed_allocated``, ``window`` (see
@@ -364,3 +361,9 @@ class QuantizedKVCache(Cache):
     def packed_tokens(self) -> int:
         """Columns quantized so far (per layer; padding columns included)."""
         return self.layers[0].n_packed
+
+
+def packed_bytes_per_token(cache: Any) -> float:  # noqa: ANN401
+    """Exact packed bytes per token of one layer of a longkit quantized cache (``0`` before its first update)."""
+    state = cache.layers[0].state
+    return 0 if state is None else bytes_per_token(cache.spec, state.head_dim, state.num_kv_heads)
