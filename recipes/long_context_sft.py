@@ -27,7 +27,9 @@ and loss in token tiles: no ``[tokens, vocab]`` logits), ``--tiled-mlp`` ``apply
 attention layers between softmax layers) for
 ``"sequence_parallel": {"mode": "lasp2"}`` (``recipes/configs/lasp2_sp2_zero2.json``): the linear layers pass their
 state between ranks (LASP-2), the softmax layers use Ulysses. The longest length each reaches on a GPU is measured by
-``benchmarks/offload.py`` and ``benchmarks/tiled_loss.py``.
+``benchmarks/offload.py`` and ``benchmarks/tiled_loss.py``: on an H100 capped at 24 GiB (Llama-3.2-1B shape, full
+training, batch 1) checkpointing alone trains 65,536-token sequences, ``--activation-offload --tiled-mlp`` 131,072
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
