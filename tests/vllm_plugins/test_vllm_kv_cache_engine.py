@@ -28,7 +28,7 @@ if importlib.util.find_spec("vllm") is None:
 ROOT = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).with_name("_kv_job.py")
 KV_MEMORY = 1 << 28  # 256 MiB of KV cache for every engine: capacities are compared at equal memory
-FACTS = [  # (question, word the bf16 answer of vLLM contains)
+FACTS = [  # (question, word the bf16 answer of vLLM contains on an AMX machine; on an AVX2-only one "Rome" is not)
     ("What is the capital of France? Answer in one sentence.", "Paris"),
     ("What is the capital of Italy?", "Rome"),
     ("What is the largest ocean on Earth?", "Pacific"),
@@ -175,12 +175,21 @@ def test_identity_setting_generates_vllms_tokens(inproc):
     assert ident["workers"][0]["cache_view"]["bytes_per_token"] == 768
 
 
+def _facts_vllm_knows(ref: dict) -> list[int]:
+    """The FACTS vLLM's own bf16 engine answers right on this machine (its CPU kernels round differently per ISA:
+    on one AVX2-only machine the 135M model answered "Il Coriobella, Italy."); at least two, or the model or engine
+    itself is broken here."""
+    texts = ref["rounds"][0]["texts"]
+    known = [i for i, ((_, word), text) in enumerate(zip(FACTS, texts, strict=True)) if word in text]
+    assert len(known) >= 2, f"vLLM's own answers miss the facts on this machine: {texts}"
+    return known
+
+
 def test_4bit_keeps_answers_and_holds_3_2x_the_tokens(inproc):
     ref, q4 = inproc["bf16"], inproc["4bit"]
     _assert_backend(q4, packed=True)
-    for (question, word), text_ref, text in zip(FACTS, ref["rounds"][0]["texts"], q4["rounds"][0]["texts"],
-                                                strict=True):
-        assert word in text_ref, f"vLLM's own answer changed: {question!r} -> {text_ref!r}"
+    for i in _facts_vllm_knows(ref):
+        (question, word), text_ref, text = FACTS[i], ref["rounds"][0]["texts"][i], q4["rounds"][0]["texts"][i]
         assert word in text, f"{question!r}: bf16 {text_ref!r}, 4-bit {text!r}"
     agreement = _agreement(ref["rounds"][0]["tokens"] + ref["rounds"][1]["tokens"],
                            q4["rounds"][0]["tokens"] + q4["rounds"][1]["tokens"])
@@ -207,15 +216,15 @@ def test_engine_without_the_option_is_vllms_own(inproc):
     assert again["capacity_tokens"] == inproc["bf16"]["capacity_tokens"]
 
 
-def test_option_reaches_the_engine_and_worker_processes(model, rounds, tmp_path):
+def test_option_reaches_the_engine_and_worker_processes(model, rounds, tmp_path, inproc):
     """vLLM's default process layout (LLM process -> EngineCore -> worker): the option travels in VllmConfig."""
     out = _run(tmp_path, "multiproc", [_job(model, rounds[:1], FOUR)])
     (q4,) = out["engines"]
     _assert_backend(q4, packed=True)
     assert q4["workers"][0]["pid"] != out["pid"]  # the layers live in another process
     assert q4["capacity_tokens"] == _expected_capacity(FOUR)
-    for (_, word), text in zip(FACTS, q4["rounds"][0]["texts"], strict=True):
-        assert word in text, text
+    for i in _facts_vllm_knows(inproc["bf16"]):
+        assert FACTS[i][1] in q4["rounds"][0]["texts"][i], q4["rounds"][0]["texts"][i]
     # The worker logged the activation, the engine core and worker loaded the plugin (vLLM prefixes each line with
     # the process name).
     active = {ln.split(" pid=")[0].lstrip("(") for ln in out["log"].splitlines()
